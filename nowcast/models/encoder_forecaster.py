@@ -1,0 +1,250 @@
+"""Encoder-forecaster networks built from ConvLSTM layers (no Lightning here).
+
+Two architectures, both mapping ``(B, T_in, C, H, W)`` to ``(B, T_out, C_out, H, W)``:
+
+* :class:`EncoderForecaster`: the hierarchical encoder-forecaster of Shi et al. 2017
+  (HKO-7): ConvLSTM levels with 3D max pooling between them; the forecaster mirrors the
+  encoder from the coarsest level down, each level starting from the encoder's final
+  state at that level, with upsampling between levels.
+* :class:`Shi2015`: the flat encoding-forecasting ConvLSTM of Shi et al. 2015: a stack
+  of ConvLSTM layers at full resolution, the forecaster stack initialised from the
+  encoder's states, and a 1x1 convolution over all forecaster states.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nowcast.nn import ConvLSTM2D, MaxPool3D
+
+_OUTPUT_ACTIVATIONS = {
+    "identity": nn.Identity,
+    "sigmoid": nn.Sigmoid,
+    # Rain rates (or their encodings) cannot be negative: softplus keeps gradients alive
+    # below zero where relu would not.
+    "softplus": nn.Softplus,
+    "relu": nn.ReLU,
+}
+
+
+def make_output_activation(name: str) -> nn.Module:
+    """The network's last activation by name: identity, sigmoid, softplus or relu."""
+    if name not in _OUTPUT_ACTIVATIONS:
+        raise ValueError(
+            f"unknown output_activation {name!r}; expected one of {sorted(_OUTPUT_ACTIVATIONS)}"
+        )
+    return _OUTPUT_ACTIVATIONS[name]()
+
+
+def _check_input(x: Tensor, channels: int, steps: int, divisor: int) -> None:
+    if x.dim() != 5 or x.shape[2] != channels or x.shape[1] != steps:
+        raise ValueError(
+            f"expected (B, T, C, H, W) with T={steps}, C={channels}, got {tuple(x.shape)}"
+        )
+    if x.shape[-2] % divisor or x.shape[-1] % divisor:
+        raise ValueError(
+            f"frame size {tuple(x.shape[-2:])} must be divisible by {divisor} "
+            "(patch_size times the spatial pooling); pad or crop the input"
+        )
+
+
+class EncoderForecaster(nn.Module):
+    """Hierarchical ConvLSTM encoder-forecaster (Shi et al. 2017, HKO-7 layout).
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Channels of the input and of the forecast frames.
+    hidden_channels
+        ConvLSTM channels of each level, finest first, e.g. ``[64, 96, 96]``.
+    kernel_size
+        ConvLSTM kernel, one value or one per level.
+    pool_size
+        ``(t, h, w)`` 3D max pooling between encoder levels (and the matching upsampling
+        in the forecaster). The default ``(1, 2, 2)`` pools space only; pooling time needs
+        ``input_steps`` and ``output_steps`` divisible by ``t ** (levels - 1)``.
+    input_steps, output_steps
+        ``T_in`` and ``T_out``; they may differ.
+    frame_size
+        ``(H, W)`` the network is built for; checked for divisibility here so that a
+        bad size fails at construction rather than mid-training. Other sizes divisible by
+        :attr:`spatial_divisor` work too (e.g. a full radar domain padded for evaluation).
+    patch_size
+        Space-to-depth factor applied before the first level (PredRNN's "patch"): frames
+        are cut into ``p x p`` patches stacked as channels, which makes high-resolution
+        inputs ``p**2`` times cheaper; undone by pixel shuffle at the output.
+    output_activation
+        ``sigmoid`` for [0, 1] images, ``softplus``/``relu``/``identity`` for rain.
+    peephole, checkpoint_steps
+        Passed to every :class:`~nowcast.nn.ConvLSTM2D`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        hidden_channels: Sequence[int] = (64, 96, 96),
+        kernel_size: int | Sequence[int] = 3,
+        pool_size: Sequence[int] = (1, 2, 2),
+        input_steps: int = 10,
+        output_steps: int = 10,
+        frame_size: Sequence[int] = (64, 64),
+        patch_size: int = 1,
+        output_activation: str = "sigmoid",
+        peephole: bool = False,
+        checkpoint_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        hidden = [int(h) for h in hidden_channels]
+        levels = len(hidden)
+        if levels < 1:
+            raise ValueError("hidden_channels needs at least one level")
+        kernels = [int(k) for k in kernel_size] if not isinstance(kernel_size, int) else [kernel_size] * levels
+        if len(kernels) != levels:
+            raise ValueError(f"kernel_size has {len(kernels)} entries for {levels} levels")
+        pool = tuple(int(p) for p in pool_size)
+        if len(pool) != 3:
+            raise ValueError(f"pool_size must be (t, h, w), got {pool}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.input_steps = input_steps
+        self.output_steps = output_steps
+        self.patch_size = patch_size
+        self.pool_size = pool
+        self.levels = levels
+        self.time_divisor = pool[0] ** (levels - 1)
+        self.spatial_divisor = patch_size * math.lcm(pool[1] ** (levels - 1), pool[2] ** (levels - 1))
+        for name, steps in (("input_steps", input_steps), ("output_steps", output_steps)):
+            if steps % self.time_divisor:
+                raise ValueError(
+                    f"{name}={steps} is not divisible by the time pooling "
+                    f"{pool[0]}**{levels - 1}={self.time_divisor}"
+                )
+        h, w = (int(s) for s in frame_size)
+        if h % self.spatial_divisor or w % self.spatial_divisor:
+            raise ValueError(
+                f"frame_size {(h, w)} is not divisible by patch_size * spatial pooling = "
+                f"{self.spatial_divisor}"
+            )
+
+        stem_channels = in_channels * patch_size**2
+        self.encoders = nn.ModuleList()
+        self.forecasters = nn.ModuleList()
+        for level in range(levels):
+            enc_in = stem_channels if level == 0 else hidden[level - 1]
+            self.encoders.append(ConvLSTM2D(enc_in, hidden[level], kernels[level],
+                                            return_state=True, checkpoint_steps=checkpoint_steps,
+                                            peephole=peephole))
+            # The coarsest forecaster has no input but its state (Shi et al.): it gets a
+            # single zero channel. Finer levels get the upsampled output of the level above.
+            fc_in = 1 if level == levels - 1 else hidden[level + 1]
+            self.forecasters.append(ConvLSTM2D(fc_in, hidden[level], kernels[level],
+                                               return_state=False, checkpoint_steps=checkpoint_steps,
+                                               peephole=peephole))
+        self.pool = MaxPool3D(pool)
+        self.head = nn.Conv2d(hidden[0], out_channels * patch_size**2, kernel_size=1)
+        self.activation = make_output_activation(output_activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
+        _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
+        b, _, _, h, w = x.shape
+        p = self.patch_size
+        if p > 1:
+            x = F.pixel_unshuffle(x.flatten(0, 1), p).unflatten(0, (b, -1))  # (B, T, C*p*p, H/p, W/p)
+        states = []
+        for level, encoder in enumerate(self.encoders):
+            if level > 0:
+                x = self.pool(x)  # (B, T/pt, C, H/ph, W/pw)
+            x, level_states = encoder(x)  # (B, T_l, Ch_l, H_l, W_l)
+            states.append(level_states)
+        y = None
+        for level in reversed(range(self.levels)):
+            steps = self.output_steps // self.pool_size[0] ** level
+            if y is None:
+                hh, ww = states[level][0][0].shape[-2:]
+                y = x.new_zeros(b, steps, 1, hh, ww)  # the coarsest level has no input
+            else:
+                y = _upsample(y, self.pool_size)  # (B, T_l, Ch_{l+1}, H_l, W_l)
+            y = self.forecasters[level](y, initial_state=states[level])  # (B, T_l, Ch_l, H_l, W_l)
+        out = self.head(y.flatten(0, 1))  # (B*T_out, C_out*p*p, H/p, W/p)
+        if p > 1:
+            out = F.pixel_shuffle(out, p)  # (B*T_out, C_out, H, W)
+        return self.activation(out.unflatten(0, (b, self.output_steps)))
+
+
+def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:
+    """Nearest-neighbour upsampling of ``(B, T, C, H, W)`` by ``(t, h, w)``."""
+    if tuple(factor) == (1, 1, 1):
+        return y
+    y = F.interpolate(y.transpose(1, 2), scale_factor=tuple(float(f) for f in factor), mode="nearest")
+    return y.transpose(1, 2)  # (B, T*t, C, H*h, W*w)
+
+
+class Shi2015(nn.Module):
+    """The flat encoding-forecasting ConvLSTM of Shi et al. 2015.
+
+    The paper's Moving-MNIST model is ``hidden_channels=[128, 64, 64]``,
+    ``kernel_size=5``, 10 -> 10 frames, predicting 16x16 patches of 4x4 pixels
+    (``patch_size=4``).
+
+    Parameters are as in :class:`EncoderForecaster`; there is no pooling.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        hidden_channels: Sequence[int] = (128, 64, 64),
+        kernel_size: int | Sequence[int] = 5,
+        input_steps: int = 10,
+        output_steps: int = 10,
+        frame_size: Sequence[int] = (64, 64),
+        patch_size: int = 4,
+        output_activation: str = "sigmoid",
+        peephole: bool = False,
+        checkpoint_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        hidden = [int(h) for h in hidden_channels]
+        h, w = (int(s) for s in frame_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"frame_size {(h, w)} is not divisible by patch_size {patch_size}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.input_steps = input_steps
+        self.output_steps = output_steps
+        self.patch_size = patch_size
+        self.spatial_divisor = patch_size
+        kernels = kernel_size if isinstance(kernel_size, int) else list(kernel_size)
+        self.encoder = ConvLSTM2D(in_channels * patch_size**2, hidden, kernels,
+                                  return_state=True, checkpoint_steps=checkpoint_steps,
+                                  peephole=peephole)
+        self.forecaster = ConvLSTM2D(1, hidden, kernels, return_all_layers=True,
+                                     checkpoint_steps=checkpoint_steps, peephole=peephole)
+        # "all the states in the forecasting network are concatenated and fed into a
+        # 1 x 1 convolutional layer to generate the final prediction" (Shi et al. 2015)
+        self.head = nn.Conv2d(sum(hidden), out_channels * patch_size**2, kernel_size=1)
+        self.activation = make_output_activation(output_activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
+        _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
+        b = x.shape[0]
+        p = self.patch_size
+        if p > 1:
+            x = F.pixel_unshuffle(x.flatten(0, 1), p).unflatten(0, (b, -1))  # (B, T, C*p*p, H/p, W/p)
+        _, states = self.encoder(x)
+        hh, ww = states[0][0].shape[-2:]
+        zeros = x.new_zeros(b, self.output_steps, 1, hh, ww)  # the forecaster has no input
+        ys = self.forecaster(zeros, initial_state=states)  # list of (B, T_out, Ch_l, H/p, W/p)
+        y = torch.cat(ys, dim=2)  # (B, T_out, sum Ch, H/p, W/p)
+        out = self.head(y.flatten(0, 1))  # (B*T_out, C_out*p*p, H/p, W/p)
+        if p > 1:
+            out = F.pixel_shuffle(out, p)  # (B*T_out, C_out, H, W)
+        return self.activation(out.unflatten(0, (b, self.output_steps)))

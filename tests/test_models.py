@@ -1,0 +1,91 @@
+"""Encoder-forecaster networks: shapes, pooling, state hand-over, construction errors."""
+
+import pytest
+import torch
+
+from nowcast.models import EncoderForecaster, Shi2015, make_output_activation
+
+
+@pytest.mark.parametrize(
+    "pool, t_in, t_out, patch",
+    [((1, 2, 2), 4, 4, 1), ((1, 2, 2), 5, 3, 2), ((2, 2, 2), 4, 2, 1), ((2, 2, 2), 4, 6, 2)],
+)
+def test_encoder_forecaster_shapes(pool, t_in, t_out, patch):
+    net = EncoderForecaster(1, 2, [4, 6], 3, pool, t_in, t_out, (16, 16), patch_size=patch)
+    x = torch.rand(2, t_in, 1, 16, 16)
+    y = net(x)
+    assert y.shape == (2, t_out, 2, 16, 16)
+    assert (y >= 0).all() and (y <= 1).all()  # sigmoid output
+
+
+def test_three_levels_and_other_frame_sizes():
+    net = EncoderForecaster(1, 1, [4, 4, 4], 3, (1, 2, 2), 3, 2, (16, 16))
+    assert net.spatial_divisor == 4
+    # A size divisible by the network's divisor works too (full radar domain for eval).
+    assert net(torch.rand(1, 3, 1, 24, 20)).shape == (1, 2, 1, 24, 20)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.rand(1, 3, 1, 18, 20))
+
+
+def test_forecaster_starts_from_encoder_state():
+    """Two inputs that differ only in their first frame give different forecasts: the
+    forecaster has no input of its own, so the information must travel in the state."""
+    torch.manual_seed(0)
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 3, 2, (8, 8), output_activation="identity")
+    x = torch.rand(1, 3, 1, 8, 8)
+    x2 = x.clone()
+    x2[:, 0] = 0
+    assert not torch.allclose(net(x), net(x2))
+
+
+def test_every_parameter_gets_a_gradient():
+    net = EncoderForecaster(1, 1, [4, 6], 3, (2, 2, 2), 4, 4, (8, 8), patch_size=2)
+    net(torch.rand(2, 4, 1, 8, 8)).sum().backward()
+    # The coarsest forecaster level has no input (Shi et al.): it is fed zeros, so its
+    # input kernel gets no gradient by design; its bias and everything else must.
+    no_input = f"forecasters.{net.levels - 1}.cells.0.weight_x"
+    for name, p in net.named_parameters():
+        if name == no_input:
+            assert p.grad is not None and p.grad.abs().sum() == 0
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="input_steps=5 is not divisible"):
+        EncoderForecaster(1, 1, [4, 4], 3, (2, 2, 2), 5, 4, (8, 8))
+    with pytest.raises(ValueError, match="output_steps=3 is not divisible"):
+        EncoderForecaster(1, 1, [4, 4], 3, (2, 2, 2), 4, 3, (8, 8))
+    with pytest.raises(ValueError, match=r"frame_size \(12, 12\) is not divisible .* 8"):
+        EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 4, 4, (12, 12), patch_size=4)
+    with pytest.raises(ValueError, match="kernel_size has 3 entries for 2 levels"):
+        EncoderForecaster(1, 1, [4, 4], [3, 3, 3])
+    with pytest.raises(ValueError, match="unknown output_activation 'tanhh'"):
+        EncoderForecaster(1, 1, [4], output_activation="tanhh")
+    with pytest.raises(ValueError, match=r"frame_size \(10, 10\) is not divisible by patch_size 4"):
+        Shi2015(frame_size=(10, 10))
+
+
+def test_input_shape_error_names_expected_and_got():
+    net = EncoderForecaster(1, 1, [4], 3, (1, 2, 2), 3, 2, (8, 8))
+    with pytest.raises(ValueError, match=r"expected \(B, T, C, H, W\) with T=3, C=1, got \(2, 3, 8, 8\)"):
+        net(torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"T=3, C=1, got \(2, 4, 1, 8, 8\)"):
+        net(torch.rand(2, 4, 1, 8, 8))
+
+
+def test_shi2015_paper_configuration():
+    net = Shi2015(1, 1, [128, 64, 64], 5, 10, 10, (64, 64), patch_size=4)
+    # encoder 3 layers on 16-channel patches, forecaster 3 layers, 1x1 head over all states
+    assert [c.hidden_channels for c in net.encoder.cells] == [128, 64, 64]
+    assert net.encoder.cells[0].in_channels == 16
+    assert net.head.in_channels == 256 and net.head.kernel_size == (1, 1)
+    small = Shi2015(1, 1, [4, 4], 3, 3, 2, (8, 8), patch_size=2)
+    assert small(torch.rand(2, 3, 1, 8, 8)).shape == (2, 2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["identity", "sigmoid", "softplus", "relu"])
+def test_output_activations(name):
+    y = make_output_activation(name)(torch.linspace(-3, 3, 7))
+    if name != "identity":
+        assert (y >= 0).all()
