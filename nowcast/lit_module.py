@@ -187,10 +187,9 @@ class NowcastModule(L.LightningModule):
         if self.persistence_baseline:
             flat.update(compute_scores(self.baseline_scores[stage], f"{stage}/persistence", self.lead_times))
         # compute() already reduced the sums across ranks: no sync_dist here.
-        self.log_dict(flat, prog_bar=False)
-        prog = {k: v for k, v in flat.items() if k in (f"{stage}/mse", f"{stage}/persistence/mse")}
-        if prog:
-            self.log_dict(prog, prog_bar=True)
+        shown = (f"{stage}/mse", f"{stage}/persistence/mse")
+        self.log_dict({k: v for k, v in flat.items() if k in shown}, prog_bar=True)
+        self.log_dict({k: v for k, v in flat.items() if k not in shown}, prog_bar=False)
 
     # -- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
