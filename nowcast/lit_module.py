@@ -137,6 +137,13 @@ class NowcastModule(L.LightningModule):
             )
         return scores
 
+    def setup(self, stage: str) -> None:
+        # Name lead times as the data does ("10min", ...) unless the config says otherwise.
+        if self.lead_times is None and self.trainer is not None:
+            names = getattr(self.trainer.datamodule, "lead_times", None)
+            if names is not None and len(names) == self.num_leads:
+                self.lead_times = list(names)
+
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T_in, C, H, W)`` -> ``(B, T_out, C, H, W)``, network space."""
         return self.net(x)
