@@ -231,6 +231,33 @@ def test_random_crop_for_training_padding_masked_for_test(tmp_path):
         RadarDataModule(tmp_path / "a.nc", crop_size=32, input_steps=2, output_steps=2).setup("fit")
 
 
+def test_augmentation_rotates_and_flips_training_windows_only(tmp_path):
+    data = fields(12)
+    write_stack(tmp_path / "a.nc", data, attrs=RATE_ATTRS)
+    dm = RadarDataModule(tmp_path / "a.nc", transform=ScaledRainRate(1.0), input_steps=2,
+                         output_steps=2, augment=True,
+                         test_period=["2020-10-31T01:00", "2020-10-31T02:00"])
+    dm.setup("fit")
+    train = dm.dataset("train")
+    s = int(train.starts[0])
+    original = data[s : s + 4]  # (T, H, W) mm/h
+    variants = [np.rot90(original, k, axes=(1, 2)) for k in range(4)]
+    variants += [v[:, :, ::-1] for v in variants]
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(40):
+        sample = train[0]
+        frames = torch.cat([sample["inputs"], sample["targets"]])[:, 0].numpy()
+        # the same transformation applied to every frame of the window
+        match = [i for i, v in enumerate(variants) if np.allclose(v, frames, atol=1e-6)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) >= 6  # all eight are possible; 40 draws see most of them
+    test = dm.dataset("test")[0]  # evaluation windows are never augmented
+    s_test = int(dm.dataset("test").starts[0])
+    np.testing.assert_allclose(test["inputs"][0, 0].numpy(), data[s_test], rtol=1e-6)
+
+
 # ------------------------------------------------------------------ time axis and splits
 def test_windows_across_gaps_are_dropped(tmp_path):
     write_steps(tmp_path / "arc", fields(16), skip=(7,))  # 00:00..02:30 without 01:10

@@ -113,6 +113,9 @@ class RadarWindowDataset(Dataset):
         ``(h, w)`` of a random crop (training), or ``None`` for the full domain.
     pad_multiple
         Pad ``H`` and ``W`` (bottom/right) to a multiple of this; padding is masked.
+    augment
+        Random rotation by a multiple of 90 degrees and random flip of each window
+        (training): rain fields move in every direction, one day of data does not.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class RadarWindowDataset(Dataset):
         transform: Transform,
         crop_size: tuple[int, int] | None = None,
         pad_multiple: int = 1,
+        augment: bool = False,
     ) -> None:
         self.archive = archive
         self.starts = np.asarray(starts, dtype=np.int64)
@@ -132,6 +136,7 @@ class RadarWindowDataset(Dataset):
         self.transform = transform
         self.crop_size = crop_size
         self.pad_multiple = pad_multiple
+        self.augment = augment
         self._issue_ns = archive.times.astype("datetime64[ns]").astype(np.int64)
 
     def __len__(self) -> int:
@@ -150,6 +155,13 @@ class RadarWindowDataset(Dataset):
             top = int(torch.randint(0, frames.shape[1] - ch + 1, ()))
             left = int(torch.randint(0, frames.shape[2] - cw + 1, ()))
             frames = frames[:, top : top + ch, left : left + cw]  # (T, ch, cw)
+        if self.augment:
+            square = frames.shape[1] == frames.shape[2]
+            k = int(torch.randint(0, 4, ())) if square else 2 * int(torch.randint(0, 2, ()))
+            frames = np.rot90(frames, k, axes=(1, 2))  # (T, H, W) or (T, W, H)
+            if int(torch.randint(0, 2, ())):
+                frames = frames[:, :, ::-1]
+            frames = np.ascontiguousarray(frames)
         valid = torch.from_numpy(np.isfinite(frames))  # (T, H, W) bool
         rain = torch.from_numpy(np.nan_to_num(frames, nan=0.0))  # missing -> 0 mm/h
         x = self.transform.encode(rain).float()  # (T, H, W) network space
@@ -228,6 +240,8 @@ class RadarDataModule(L.LightningDataModule):
     pad_multiple
         Pad full-domain frames (bottom/right, masked) to a multiple of this, e.g. the
         total spatial stride of the network.
+    augment
+        Randomly rotate (multiples of 90 degrees) and flip training windows.
     batch_size, num_workers
         DataLoader settings; each worker opens its own file handles.
     skip_bad_files
@@ -267,6 +281,7 @@ class RadarDataModule(L.LightningDataModule):
         downsample: int = 1,
         crop_size: int | Sequence[int] | None = None,
         pad_multiple: int = 1,
+        augment: bool = False,
         batch_size: int = 8,
         num_workers: int = 0,
         skip_bad_files: bool = False,
@@ -298,6 +313,7 @@ class RadarDataModule(L.LightningDataModule):
             crop_size = (int(crop_size),) * 2 if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
         self.crop_size: tuple[int, int] | None = crop_size  # type: ignore[assignment]
         self.pad_multiple = int(pad_multiple)
+        self.augment = bool(augment)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self._archive_args = dict(
@@ -405,6 +421,7 @@ class RadarDataModule(L.LightningDataModule):
         return RadarWindowDataset(
             archive, starts, self.input_steps, self.output_steps, self.transform,
             crop_size=crop, pad_multiple=1 if crop is not None else self.pad_multiple,
+            augment=self.augment and split == "train",
         )
 
     def _drop_dry(self, starts: np.ndarray, length: int) -> np.ndarray:

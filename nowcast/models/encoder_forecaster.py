@@ -41,6 +41,16 @@ def make_output_activation(name: str) -> nn.Module:
     return _OUTPUT_ACTIVATIONS[name]()
 
 
+def _frame_size(frame_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """``(H, W)`` from an int, a pair or ``None`` (no check: ``(0, 0)`` divides anything)."""
+    if frame_size is None:
+        return 0, 0
+    if isinstance(frame_size, int):
+        return frame_size, frame_size
+    h, w = (int(s) for s in frame_size)
+    return h, w
+
+
 def _check_input(x: Tensor, channels: int, steps: int, divisor: int) -> None:
     if x.dim() != 5 or x.shape[2] != channels or x.shape[1] != steps:
         raise ValueError(
@@ -71,9 +81,10 @@ class EncoderForecaster(nn.Module):
     input_steps, output_steps
         ``T_in`` and ``T_out``; they may differ.
     frame_size
-        ``(H, W)`` the network is built for; checked for divisibility here so that a
-        bad size fails at construction rather than mid-training. Other sizes divisible by
-        :attr:`spatial_divisor` work too (e.g. a full radar domain padded for evaluation).
+        ``(H, W)`` (or one int) the network is built for; checked for divisibility here
+        so that a bad size fails at construction rather than mid-training (``None``: no
+        check). Other sizes divisible by :attr:`spatial_divisor` work too (e.g. a full
+        radar domain padded for evaluation); ``forward`` checks every input.
     patch_size
         Space-to-depth factor applied before the first level (PredRNN's "patch"): frames
         are cut into ``p x p`` patches stacked as channels, which makes high-resolution
@@ -93,7 +104,7 @@ class EncoderForecaster(nn.Module):
         pool_size: Sequence[int] = (1, 2, 2),
         input_steps: int = 10,
         output_steps: int = 10,
-        frame_size: Sequence[int] = (64, 64),
+        frame_size: int | Sequence[int] | None = (64, 64),
         patch_size: int = 1,
         output_activation: str = "sigmoid",
         peephole: bool = False,
@@ -125,7 +136,7 @@ class EncoderForecaster(nn.Module):
                     f"{name}={steps} is not divisible by the time pooling "
                     f"{pool[0]}**{levels - 1}={self.time_divisor}"
                 )
-        h, w = (int(s) for s in frame_size)
+        h, w = _frame_size(frame_size)
         if h % self.spatial_divisor or w % self.spatial_divisor:
             raise ValueError(
                 f"frame_size {(h, w)} is not divisible by patch_size * spatial pooling = "
@@ -204,7 +215,7 @@ class Shi2015(nn.Module):
         kernel_size: int | Sequence[int] = 5,
         input_steps: int = 10,
         output_steps: int = 10,
-        frame_size: Sequence[int] = (64, 64),
+        frame_size: int | Sequence[int] | None = (64, 64),
         patch_size: int = 4,
         output_activation: str = "sigmoid",
         peephole: bool = False,
@@ -212,7 +223,7 @@ class Shi2015(nn.Module):
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden_channels]
-        h, w = (int(s) for s in frame_size)
+        h, w = _frame_size(frame_size)
         if h % patch_size or w % patch_size:
             raise ValueError(f"frame_size {(h, w)} is not divisible by patch_size {patch_size}")
         self.in_channels = in_channels
