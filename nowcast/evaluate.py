@@ -189,30 +189,41 @@ def _plots(results, samples, lead_times, units, plot_dir: Path, num_leads: int) 
 
 def write_forecasts_netcdf(path: Path, forecasts: np.ndarray, issue_times: np.ndarray,
                            datamodule: Any, units: str) -> Path:
-    """Write forecasts ``(N, T_out, H, W)`` as CF netCDF with the input grid's coordinates."""
+    """Write forecasts ``(N, T_out, H, W)`` as CF netCDF on the input grid.
+
+    Dimensions ``(issue_time, lead_time, y, x)``; the padding added for the network is
+    cropped off, and the grid's coordinates, their attributes and the projection
+    (``grid_mapping``) are those of the input files.
+    """
     import xarray as xr
 
-    n, t, h, w = forecasts.shape
-    step = getattr(datamodule, "time_step", None)
-    step_minutes = step / np.timedelta64(1, "m") if step is not None else None
-    leads = (np.arange(1, t + 1) * step_minutes).astype("timedelta64[m]") if step_minutes else np.arange(1, t + 1)
-    coords: dict[str, Any] = {
-        "issue_time": ("issue_time", issue_times.astype("datetime64[ns]")),
-        "lead_time": ("lead_time", leads),
-    }
-    grid = getattr(datamodule, "grid", None) or {}
-    for name, size in (("y", h), ("x", w)):
-        values = grid.get(name)
-        if values is not None and len(values) >= size:
-            coords[name] = (name, np.asarray(values)[:size])
-    ds = xr.Dataset(
-        {"rain_rate": (("issue_time", "lead_time", "y", "x"), forecasts.astype(np.float32),
-                       {"units": units, "standard_name": "rainfall_rate" if units == "mm/h" else "",
-                        "long_name": "nowcast rain rate"})},
-        coords=coords,
-        attrs={"Conventions": "CF-1.7", "source": "nowcast ConvLSTM encoder-forecaster"},
+    grid = datamodule.grid
+    h, w = grid.shape
+    forecasts = forecasts[..., :h, :w]  # (N, T_out, H, W) without the masked padding
+    step = datamodule.archive.step  # numpy timedelta64
+    leads = (np.arange(1, forecasts.shape[1] + 1) * step).astype("timedelta64[m]")
+    attrs = {"units": units, "long_name": "nowcast rain rate"}
+    if units == "mm/h":
+        attrs["standard_name"] = "rainfall_rate"
+    data_vars: dict[str, Any] = {}
+    if grid.crs_attrs:
+        attrs["grid_mapping"] = "proj"
+        data_vars["proj"] = xr.Variable((), np.int32(0), dict(grid.crs_attrs))
+    data_vars["rain_rate"] = xr.Variable(
+        ("issue_time", "lead_time", grid.y_name, grid.x_name), forecasts.astype(np.float32), attrs
     )
-    ds.to_netcdf(path)
+    ds = xr.Dataset(
+        data_vars,
+        coords={"issue_time": issue_times.astype("datetime64[ns]"), "lead_time": leads,
+                **grid.coords()},
+        attrs={"Conventions": "CF-1.7",
+               "source": "nowcast ConvLSTM encoder-forecaster",
+               "history": "written by nowcast.evaluate"},
+    )
+    ds["issue_time"].attrs["long_name"] = "time of the last input frame"
+    ds["lead_time"].attrs["long_name"] = "forecast lead time"
+    encoding = {"rain_rate": {"zlib": True, "complevel": 4}}
+    ds.to_netcdf(path, encoding=encoding)
     return path
 
 

@@ -20,10 +20,10 @@ RAIN_LEVELS = (0.1, 0.5, 1, 2, 5, 10, 20, 50, 100)
 def rain_cmap() -> tuple[mcolors.Colormap, mcolors.Normalize]:
     """A rain-rate colour map with log-spaced bounds; below 0.1 mm/h is white (dry)."""
     colors = ["#c6dbef", "#6baed6", "#2171b5", "#41ab5d", "#fdd835", "#fb8c00", "#e53935", "#8e24aa"]
-    cmap = mcolors.ListedColormap(colors, name="rain")
-    cmap.set_under("white")
-    cmap.set_over("#4a148c")
-    cmap.set_bad("#bdbdbd")  # masked: no data / outside coverage
+    # below 0.1 mm/h: white (dry); masked (no data / outside coverage): grey
+    cmap = mcolors.ListedColormap(colors, name="rain").with_extremes(
+        under="white", over="#4a148c", bad="#bdbdbd"
+    )
     norm = mcolors.BoundaryNorm(RAIN_LEVELS, cmap.N)
     return cmap, norm
 
