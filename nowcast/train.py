@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from nowcast import cluster
 from nowcast.checkpoints import check_compatible, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     The trainer's final logged metrics as floats (``val/loss``, ``val/mse``,
     ``val/persistence/mse``, ... and ``test/...`` when ``cfg.test``).
     """
+    cluster.log_on_rank_zero_only()  # DDP: one train.log per run, written by rank 0
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -57,7 +59,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("compile"):
         model.net.compile()  # in place: state-dict keys stay the same as uncompiled
 
-    ckpt_path = cfg.get("ckpt_path")
+    # A requeued SLURM job resumes from the checkpoint it saved before stopping.
+    ckpt_path = cluster.resume_path(output_dir, cfg.get("ckpt_path"),
+                                    fresh_if_missing=cfg.get("resume_fresh_if_missing", False))
     if ckpt_path:
         # Fail here with a readable message rather than deep inside Lightning.
         check_compatible(model, load_checkpoint(ckpt_path), ckpt_path)
@@ -65,7 +69,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
+    cluster.check_devices(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    cluster.set_per_device_batch_size(datamodule, trainer)  # data.batch_size is global
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
