@@ -41,6 +41,22 @@ def make_output_activation(name: str) -> nn.Module:
     return _OUTPUT_ACTIVATIONS[name]()
 
 
+def to_patches(x: Tensor, patch_size: int) -> Tensor:
+    """Space to depth: ``(B, T, C, H, W)`` -> ``(B, T, C*p*p, H/p, W/p)``."""
+    if patch_size == 1:
+        return x
+    b = x.shape[0]
+    return F.pixel_unshuffle(x.flatten(0, 1), patch_size).unflatten(0, (b, -1))
+
+
+def from_patches(x: Tensor, patch_size: int) -> Tensor:
+    """Depth to space: ``(B, T, C*p*p, H/p, W/p)`` -> ``(B, T, C, H, W)``."""
+    if patch_size == 1:
+        return x
+    b = x.shape[0]
+    return F.pixel_shuffle(x.flatten(0, 1), patch_size).unflatten(0, (b, -1))
+
+
 def _frame_size(frame_size: int | Sequence[int] | None) -> tuple[int, int]:
     """``(H, W)`` from an int, a pair or ``None`` (no check: ``(0, 0)`` divides anything)."""
     if frame_size is None:
@@ -164,10 +180,8 @@ class EncoderForecaster(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
-        b, _, _, h, w = x.shape
-        p = self.patch_size
-        if p > 1:
-            x = F.pixel_unshuffle(x.flatten(0, 1), p).unflatten(0, (b, -1))  # (B, T, C*p*p, H/p, W/p)
+        b = x.shape[0]
+        x = to_patches(x, self.patch_size)  # (B, T, C*p*p, H/p, W/p)
         states = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
@@ -183,10 +197,8 @@ class EncoderForecaster(nn.Module):
             else:
                 y = _upsample(y, self.pool_size)  # (B, T_l, Ch_{l+1}, H_l, W_l)
             y = self.forecasters[level](y, initial_state=states[level])  # (B, T_l, Ch_l, H_l, W_l)
-        out = self.head(y.flatten(0, 1))  # (B*T_out, C_out*p*p, H/p, W/p)
-        if p > 1:
-            out = F.pixel_shuffle(out, p)  # (B*T_out, C_out, H, W)
-        return self.activation(out.unflatten(0, (b, self.output_steps)))
+        out = self.head(y.flatten(0, 1)).unflatten(0, (b, self.output_steps))  # (B, T_out, C_out*p*p, H/p, W/p)
+        return self.activation(from_patches(out, self.patch_size))  # (B, T_out, C_out, H, W)
 
 
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:
@@ -247,15 +259,11 @@ class Shi2015(nn.Module):
         """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
         b = x.shape[0]
-        p = self.patch_size
-        if p > 1:
-            x = F.pixel_unshuffle(x.flatten(0, 1), p).unflatten(0, (b, -1))  # (B, T, C*p*p, H/p, W/p)
+        x = to_patches(x, self.patch_size)  # (B, T, C*p*p, H/p, W/p)
         _, states = self.encoder(x)
         hh, ww = states[0][0].shape[-2:]
         zeros = x.new_zeros(b, self.output_steps, 1, hh, ww)  # the forecaster has no input
         ys = self.forecaster(zeros, initial_state=states)  # list of (B, T_out, Ch_l, H/p, W/p)
         y = torch.cat(ys, dim=2)  # (B, T_out, sum Ch, H/p, W/p)
-        out = self.head(y.flatten(0, 1))  # (B*T_out, C_out*p*p, H/p, W/p)
-        if p > 1:
-            out = F.pixel_shuffle(out, p)  # (B*T_out, C_out, H, W)
-        return self.activation(out.unflatten(0, (b, self.output_steps)))
+        out = self.head(y.flatten(0, 1)).unflatten(0, (b, self.output_steps))  # (B, T_out, C_out*p*p, H/p, W/p)
+        return self.activation(from_patches(out, self.patch_size))  # (B, T_out, C_out, H, W)
