@@ -1,5 +1,11 @@
 """Pure-torch layers: ConvLSTM cell and sequence layer, 3D pooling."""
 
-from nowcast.nn.convlstm import ConvLSTM2D, ConvLSTMCell, MaxPool3D, conv_output_size, get_activation
+from nowcast.nn.convlstm import (
+    ConvLSTM2D,
+    ConvLSTMCell,
+    MaxPool3D,
+    conv_output_size,
+    get_activation,
+)
 
 __all__ = ["ConvLSTM2D", "ConvLSTMCell", "MaxPool3D", "conv_output_size", "get_activation"]

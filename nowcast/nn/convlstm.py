@@ -17,9 +17,11 @@ the order ``i, f, g(=c̃), o`` as in Keras and ``torch.nn.LSTM``.
 Why it is fast: the input-to-state convolution ``W_x* x_t`` does not depend on the
 recurrence, so :class:`ConvLSTM2D` runs it once over all ``B*T`` frames of a layer
 (one large convolution) and only the state-to-state convolution and the gate math run
-inside the time loop. The per-step gate math is one fused autograd node
-(:class:`_FusedLSTMPointwise`) in eager mode, and plain tensor ops that Inductor fuses
-under ``torch.compile`` / ``torch.export``.
+inside the time loop. In eager mode the recurrence of a default (tanh/sigmoid, no
+peephole) layer is one autograd node (:class:`_FusedConvLSTMLayer`) with a hand-written
+backward through time that computes the recurrent weight gradient of all steps as one
+convolution; frames are time-major and channels_last inside. Other configurations, and
+``torch.compile`` / ``torch.export``, run plain per-step tensor ops (which Inductor fuses).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 Activation = str | Callable[[Tensor], Tensor]
@@ -91,48 +94,170 @@ def conv_output_size(
     return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
-class _FusedLSTMPointwise(torch.autograd.Function):
-    """tanh/sigmoid gate math without peepholes as one autograd node.
+def _is_tracing() -> bool:
+    """True under torch.compile / torch.export / jit / fx, where the plain gate ops are
+    used because the tracer sees through them (and Inductor fuses them)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_scripting()
+        or torch.jit.is_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    )
 
-    Eager autograd would record ~12 nodes per step, each allocating a full-size
-    gradient; this computes the same derivatives in a handful of passes and saves
-    only the activated gates, the previous cell state and ``tanh(c_t)``.
+
+def _frames_like(like: Tensor, steps: int, channels: int) -> Tensor:
+    """Empty ``(T, B, channels, H, W)`` buffer whose frames ``[t]`` have the memory format
+    (contiguous or channels_last) of ``like`` ``(B, *, H, W)``, so ``[t]`` and
+    ``.flatten(0, 1)`` are views a convolution reads without a copy."""
+    b, _, h, w = like.shape
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        buf = like.new_empty(steps, b, h, w, channels)  # (T, B, H, W, C) in memory
+        return buf.permute(0, 1, 4, 2, 3)  # (T, B, C, H, W) view
+    return like.new_empty(steps, b, channels, h, w)
+
+
+def _gate_scale(like: Tensor, n: int) -> Tensor:
+    """``(1, 4*n, 1, 1)`` factors ``[1, 1, 2, 1]`` per gate block ``i, f, g, o``."""
+    scale = like.new_ones(4, n)
+    scale[2] = 2.0
+    return scale.view(1, 4 * n, 1, 1)
+
+
+def _tanh_(x: Tensor) -> Tensor:
+    """In-place ``tanh(x) = 2 sigmoid(2x) - 1``: torch's CPU sigmoid is several times
+    faster than its tanh, and the identity is exact up to rounding."""
+    return x.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
+def _lstm_forward(
+    x_gates: Tensor, weight_h: Tensor, padding: tuple[int, int], h0: Tensor, c0: Tensor, save: bool
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, Tensor | None]:
+    """The recurrence of one tanh/sigmoid layer without peepholes, without autograd.
+
+    ``x_gates`` ``(T, B, 4*Ch, H, W)`` are the input-to-state pre-activations (bias
+    included). Returns ``hs`` ``(T, B, Ch, H, W)``, ``c_T``, and for the backward the
+    gates ``sigmoid(a_i), sigmoid(a_f), sigmoid(2 a_g), sigmoid(a_o)`` of every step and
+    every ``c_t`` and ``tanh(c_t)`` (the last three empty unless ``save``).
+
+    Why so: all four gates go through one sigmoid over the whole contiguous gate
+    tensor (``tanh(a) = 2 sigmoid(2a) - 1``, the factor 2 folded into the recurrent
+    weight and the one pass that adds the input gates), instead of four activations on
+    strided channel slices, which cost ~3x more per element in channels_last. The math
+    writes into preallocated buffers, so a step allocates only the convolution output.
+    """
+    steps = x_gates.shape[0]
+    n = weight_h.shape[0] // 4
+    scale = _gate_scale(weight_h, n)  # (1, 4Ch, 1, 1)
+    weight_2g = weight_h * scale.view(-1, 1, 1, 1)  # g rows doubled
+    hs = _frames_like(h0, steps, n)  # (T, B, Ch, H, W)
+    cs = _frames_like(c0, steps, n) if save else None
+    tanh_cs = _frames_like(c0, steps, n) if save else None
+    saved_gates: list[Tensor] = []
+    h, c = h0, c0
+    for t in range(steps):
+        gates = F.conv2d(h, weight_2g, None, 1, padding)  # (B, 4*Ch, H, W)
+        gates.addcmul_(x_gates[t], scale).sigmoid_()  # a_i, a_f, 2 a_g, a_o -> sigmoids
+        i, f, s_g, o = gates.split(n, dim=1)  # each (B, Ch, H, W)
+        c_next = cs[t] if save else torch.empty_like(c)
+        torch.mul(f, c, out=c_next)
+        c_next.addcmul_(i, s_g, value=2).sub_(i)  # += i * g with g = 2 s_g - 1
+        tanh_c = tanh_cs[t] if save else torch.empty_like(c)
+        _tanh_(torch.mul(c_next, 1, out=tanh_c))
+        torch.mul(o, tanh_c, out=hs[t])
+        if save:
+            saved_gates.append(gates)
+        h, c = hs[t], c_next
+    return hs, c, saved_gates, cs, tanh_cs
+
+
+class _FusedConvLSTMLayer(torch.autograd.Function):
+    """The whole recurrence of one layer (tanh/sigmoid, no peepholes) as one autograd node.
+
+    Forward: ``(x_gates (T, B, 4Ch, H, W), weight_h, h0, c0) -> (hs (T, B, Ch, H, W), c_T)``.
+
+    Why: step-by-step autograd records ~15 nodes per step, each allocating full-size
+    gradients, and computes the recurrent weight gradient as T small convolutions. Here
+    the backward runs hand-derived BPTT: per step only the pointwise derivatives (with
+    ATen's one-pass ``sigmoid_backward``/``tanh_backward``) and the input-gradient
+    convolution, writing ``dL/dx_gates`` straight into one buffer (which is also the
+    gradient of the input-to-state convolution: no stack/unbind copies), then the weight
+    gradient of all steps as one large convolution-backward over ``T*B`` frames.
     """
 
     @staticmethod
-    def forward(ctx, xg: Tensor, hg: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        gates = xg + hg  # (B, 4*Ch, H, W)
-        n = gates.shape[1] // 4
-        i, f, g, o = gates.split(n, dim=1)
-        torch.sigmoid_(i)
-        torch.sigmoid_(f)
-        torch.tanh_(g)
-        torch.sigmoid_(o)
-        c_next = torch.addcmul(f * c, i, g)
-        tanh_c = torch.tanh(c_next)
-        h_next = o * tanh_c
-        ctx.save_for_backward(gates, c, tanh_c)
-        return h_next, c_next
+    def forward(ctx, x_gates: Tensor, weight_h: Tensor, h0: Tensor, c0: Tensor, padding: tuple[int, int]):  # type: ignore[override]
+        ctx.set_materialize_grads(False)  # unused outputs get None, not zero tensors
+        # Compute in the dtype of the gates: under autocast the input convolution ran in
+        # bf16/fp16, and the recurrence follows (as autocast does for the step-wise path).
+        dtype = x_gates.dtype
+        ctx.padding = padding
+        ctx.dtypes = (weight_h.dtype, h0.dtype, c0.dtype)  # of the gradients to return
+        w, h0, c0 = weight_h.to(dtype), h0.to(dtype), c0.to(dtype)
+        hs, c_last, gates, cs, tanh_cs = _lstm_forward(x_gates, w, padding, h0, c0, save=True)
+        ctx.save_for_backward(w, h0, c0, hs, cs, tanh_cs, *gates)
+        # c_T is a view of the saved buffer; hand out a copy so in-place changes by the
+        # caller cannot corrupt what the backward reads.
+        return hs, c_last.clone()
 
     @staticmethod
-    def backward(ctx, dh: Tensor, dc_next: Tensor):  # type: ignore[override]
-        gates, c, tanh_c = ctx.saved_tensors
-        n = gates.shape[1] // 4
-        i, f, g, o = gates.split(n, dim=1)
-        if dh is None:
-            dh = torch.zeros_like(tanh_c)
-        # dc = dc_next + dh * o * (1 - tanh_c^2)
-        dc = dh * o * (1 - tanh_c * tanh_c)
-        if dc_next is not None:
-            dc = dc + dc_next
-        dgates = torch.empty_like(gates)
-        di, df, dg, do = dgates.split(n, dim=1)
-        torch.mul(dc * g, i * (1 - i), out=di)
-        torch.mul(dc * c, f * (1 - f), out=df)
-        torch.mul(dc * i, 1 - g * g, out=dg)
-        torch.mul(dh * tanh_c, o * (1 - o), out=do)
-        dc_prev = dc * f
-        return dgates, dgates, dc_prev
+    @once_differentiable
+    def backward(ctx, grad_hs: Tensor | None, grad_c: Tensor | None):  # type: ignore[override]
+        w, h0, c0, hs, cs, tanh_cs, *gates = ctx.saved_tensors
+        steps = hs.shape[0]
+        n = w.shape[0] // 4
+        pad = list(ctx.padding)
+        sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # g * y * (1 - y)
+        tanh_backward = torch.ops.aten.tanh_backward.grad_input  # g * (1 - y^2)
+        grad_x = _frames_like(gates[0], steps, 4 * n)  # (T, B, 4Ch, H, W), dL/dx_gates
+        dc = torch.zeros_like(c0) if grad_c is None else grad_c.to(c0.dtype).clone()
+        dh_rec: Tensor | None = None  # dL/dh_t through the recurrent convolution of step t+1
+        tmp = torch.empty_like(c0)
+        for t in reversed(range(steps)):
+            if grad_hs is None:
+                dh = dh_rec if dh_rec is not None else torch.zeros_like(c0)
+            elif dh_rec is None:
+                dh = grad_hs[t]
+            else:
+                dh = dh_rec.add_(grad_hs[t])
+            i, f, s_g, o = gates[t].split(n, dim=1)  # saved sigmoids, each (B, Ch, H, W)
+            tanh_c = tanh_cs[t]
+            c_prev = c0 if t == 0 else cs[t - 1]
+            di, df, dg, do = grad_x[t].split(n, dim=1)
+            # h = o tanh(c):  da_o = sigmoid'(dh tanh c);  dc += tanh'(dh o)
+            sigmoid_backward(torch.mul(dh, tanh_c, out=tmp), o, grad_input=do)
+            dc.add_(tanh_backward(torch.mul(dh, o, out=tmp), tanh_c, grad_input=tmp))
+            # c = f c_prev + i g with g = 2 s_g - 1 = tanh(a_g)
+            torch.mul(dc, s_g, out=tmp).mul_(2).sub_(dc)  # dc * g
+            sigmoid_backward(tmp, i, grad_input=di)
+            sigmoid_backward(torch.mul(dc, c_prev, out=tmp), f, grad_input=df)
+            # da_g = dc i (1 - g^2) = 4 dc i s_g (1 - s_g)
+            sigmoid_backward(torch.mul(dc, i, out=tmp).mul_(4), s_g, grad_input=dg)
+            dc.mul_(f)  # dL/dc_{t-1}
+            h_prev = h0 if t == 0 else hs[t - 1]
+            if t > 0 or ctx.needs_input_grad[2]:
+                dh_rec = torch.ops.aten.convolution_backward(
+                    grad_x[t], h_prev, w, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
+                    [True, False, False],
+                )[0]
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # All steps' weight gradients in one convolution-backward over T*B frames
+            # (a larger GEMM than T small ones), plus step 0 whose input is h0.
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_x[0], h0, w, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1]
+            if steps > 1:
+                grad_w += torch.ops.aten.convolution_backward(
+                    grad_x[1:].flatten(0, 1), hs[:-1].flatten(0, 1), w, None, [1, 1], pad,
+                    [1, 1], False, [0, 0], 1, [False, True, False],
+                )[1]
+            grad_w = grad_w.to(ctx.dtypes[0])
+        grad_h0 = dh_rec.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
+        grad_c0 = dc.to(ctx.dtypes[2]) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_h0, grad_c0, None
 
 
 class ConvLSTMCell(nn.Module):
@@ -217,8 +342,14 @@ class ConvLSTMCell(nn.Module):
         self._h_padding: tuple[int, int] | str = (
             (kh // 2, kw // 2) if kh % 2 and kw % 2 else "same"
         )
+        # The fused layer (hand-written BPTT) covers the default LSTM with odd kernels,
+        # whose "same" recurrent padding is symmetric; anything else runs step-wise.
         self._fusable = (
-            not peephole and activation == "tanh" and recurrent_activation == "sigmoid"
+            not peephole
+            and activation == "tanh"
+            and recurrent_activation == "sigmoid"
+            and kh % 2 == 1
+            and kw % 2 == 1
         )
         self.reset_parameters()
 
@@ -265,63 +396,113 @@ class ConvLSTMCell(nn.Module):
         return F.conv2d(x, self.weight_x, self.bias, self.stride, padding, self.dilation)
 
     def init_state(self, x_gates: Tensor) -> State:
-        """Zero ``(h, c)`` matching gate pre-activations ``(B, 4*Ch, H', W')``."""
+        """Zero ``(h, c)`` matching gate pre-activations ``(B, 4*Ch, H', W')`` in shape,
+        device, dtype and memory format."""
         b, _, hh, ww = x_gates.shape
         zeros = x_gates.new_zeros(b, self.hidden_channels, hh, ww)
+        zeros = zeros.contiguous(memory_format=_memory_format(x_gates))
         return zeros, zeros
 
     def recurrent_step(self, x_gates: Tensor, state: State) -> State:
-        """Advance one step given precomputed input gates ``(B, 4*Ch, H', W')``."""
+        """Advance one step given precomputed input gates ``(B, 4*Ch, H', W')``, with
+        plain tensor ops (what torch.compile / torch.export trace and fuse)."""
         h, c = state
         h_gates = F.conv2d(h, self.weight_h, None, 1, self._h_padding)  # (B, 4*Ch, H', W')
-        if (
-            self._fusable
-            and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_scripting()
-        ):
-            return _FusedLSTMPointwise.apply(x_gates, h_gates, c)
         return self._pointwise(x_gates + h_gates, c)
+
+    def run(self, x_gates: Tensor, state: State) -> tuple[Tensor, State]:
+        """Run the recurrence over precomputed input gates.
+
+        Parameters
+        ----------
+        x_gates
+            ``(T, B, 4*Ch, H', W')``, time-major: the input-to-state convolution of every
+            frame, bias included.
+        state
+            ``(h, c)``, each ``(B, Ch, H', W')``.
+
+        Returns
+        -------
+        ``hs`` ``(T, B, Ch, H', W')`` and the final ``(h, c)``.
+        """
+        if self._fusable and not _is_tracing():
+            if torch.is_grad_enabled():
+                hs, c = _FusedConvLSTMLayer.apply(x_gates, self.weight_h, *state, self._h_padding)
+            else:  # inference: same in-place loop, nothing saved
+                dtype = x_gates.dtype
+                hs, c, *_ = _lstm_forward(
+                    x_gates, self.weight_h.to(dtype), self._h_padding,
+                    state[0].to(dtype), state[1].to(dtype), save=False,
+                )
+            return hs, (hs[-1], c)
+        hs_list = []
+        for xg in x_gates.unbind(0):  # unbind: its backward is one stack, not T zero-fills
+            state = self.recurrent_step(xg, state)
+            hs_list.append(state[0])
+        return torch.stack(hs_list), state  # (T, B, Ch, H', W')
 
     def _pointwise(self, gates: Tensor, c: Tensor) -> State:
         """Gate math on pre-activations ``(B, 4*Ch, H, W)``; fuses under torch.compile."""
         i, f, g, o = gates.chunk(4, dim=1)  # each (B, Ch, H, W)
         if self.weight_ci is not None:
-            i = i + self.weight_ci * c
-            f = f + self.weight_cf * c
+            # In the gates' dtype: under autocast the recurrence stays in bf16/fp16, as in
+            # the fused path, instead of being promoted to float32 by the parameters.
+            wci, wcf, wco = (w.to(gates.dtype) for w in (self.weight_ci, self.weight_cf, self.weight_co))
+            i = i + wci * c
+            f = f + wcf * c
         i = self.recurrent_activation(i)
         f = self.recurrent_activation(f)
         c_next = f * c + i * self.activation(g)
         if self.weight_co is not None:
-            o = o + self.weight_co * c_next
+            o = o + wco * c_next
         h_next = self.recurrent_activation(o) * self.activation(c_next)
         return h_next, c_next
 
     def forward(self, x: Tensor, state: State | None = None) -> State:
         """One step: ``x`` ``(B, C, H, W)`` -> ``(h, c)``, each ``(B, Ch, H', W')``.
 
-        ``state=None`` starts from zeros of the right shape, device and dtype.
+        ``state=None`` starts from zeros of the right shape, device, dtype and memory
+        format.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected (B, C, H, W) with C={self.in_channels}, got {tuple(x.shape)}"
-            )
-        x_gates = self.input_conv(x)
+        _check_frames(x, 4, 1, self.in_channels, "(B, C, H, W)")
+        x_gates = self.input_conv(x)  # (B, 4*Ch, H', W')
         if state is None:
             state = self.init_state(x_gates)
         else:
-            _check_state(state, x_gates.shape[0], self.hidden_channels, x_gates.shape[-2:], 0)
-        return self.recurrent_step(x_gates, state)
+            _check_state(state, x_gates, self.hidden_channels, 0)
+        hs, state = self.run(x_gates.unsqueeze(0), state)  # hs: (1, B, Ch, H', W')
+        return state
 
 
-def _check_state(state: State, batch: int, channels: int, size, layer: int) -> None:
-    expected = (batch, channels, *size)
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last if ``x`` ``(N, C, H, W)`` is laid out so (and not trivially), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_frames(x: Tensor, dims: int, channel_dim: int, channels: int, layout: str) -> None:
+    """Shape, channel and dtype check at the top of ``forward``."""
+    if x.dim() != dims or x.shape[channel_dim] != channels:
+        raise ValueError(f"expected {layout} with C={channels}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point input {layout}, got dtype {x.dtype}")
+
+
+def _check_state(state: State, x_gates: Tensor, channels: int, layer: int) -> None:
+    """Check an initial ``(h, c)`` against gate pre-activations ``(B, 4*Ch, H', W')``."""
+    expected = (x_gates.shape[0], channels, *x_gates.shape[-2:])
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise ValueError(f"state of layer {layer} must be a pair (h, c), got {type(state).__name__}")
     for name, t in zip("hc", state):
         if tuple(t.shape) != tuple(expected):
             raise ValueError(
                 f"initial {name} of layer {layer}: expected shape {expected}, got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point() or t.device != x_gates.device:
+            raise ValueError(
+                f"initial {name} of layer {layer}: expected a floating-point tensor on "
+                f"{x_gates.device}, got {t.dtype} on {t.device}"
             )
 
 
@@ -398,7 +579,13 @@ class ConvLSTM2D(nn.Module):
         the backward pass instead of storing them (gradient checkpointing): memory for
         long sequences at high resolution, at the price of one more forward.
     frame_size
-        ``(H, W)`` of the states; needed only for full-size peephole weights.
+        ``(H, W)`` of the input frames; needed only for full-size peephole weights (each
+        layer's state size follows from it with :meth:`output_size`).
+    memory_format
+        Memory layout of the frames inside: ``"channels_last"`` (default: on CPU oneDNN
+        runs these convolutions ~1.3x faster than NCHW, see ``docs/benchmarks.md``, and
+        cuDNN's tensor-core kernels prefer it too) or ``"contiguous"`` (NCHW). The
+        results are the same; only speed differs.
     """
 
     def __init__(
@@ -423,8 +610,15 @@ class ConvLSTM2D(nn.Module):
         stateful: bool = False,
         checkpoint_steps: int = 0,
         frame_size: Sequence[int] | None = None,
+        memory_format: Literal["channels_last", "contiguous"] = "channels_last",
     ) -> None:
         super().__init__()
+        if memory_format not in ("channels_last", "contiguous"):
+            raise ValueError(
+                f"memory_format must be 'channels_last' or 'contiguous', got {memory_format!r}"
+            )
+        if checkpoint_steps < 0:
+            raise ValueError(f"checkpoint_steps must be >= 0, got {checkpoint_steps}")
         if data_format not in ("channels_first", "channels_last"):
             raise ValueError(
                 f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}"
@@ -455,8 +649,23 @@ class ConvLSTM2D(nn.Module):
         self.stateful = stateful
         self.checkpoint_steps = checkpoint_steps
         self.dropout = dropout
+        self.memory_format = memory_format
+        self._memory_format = (
+            torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        )
         self.cells = nn.ModuleList()
+        size = None if frame_size is None else _pair(frame_size, "frame_size")  # type: ignore[arg-type]
         for layer in range(n):
+            if size is not None:  # this layer's state size, for full-size peepholes
+                size = tuple(
+                    conv_output_size(s, k, st, paddings[layer], d)
+                    for s, k, st, d in zip(
+                        size,
+                        _pair(kernels[layer], "kernel_size"),
+                        _pair(strides[layer], "stride"),
+                        _pair(dilations[layer], "dilation"),
+                    )
+                )
             self.cells.append(
                 ConvLSTMCell(
                     in_channels if layer == 0 else hidden[layer - 1],
@@ -470,7 +679,7 @@ class ConvLSTM2D(nn.Module):
                     activation=activation,
                     recurrent_activation=recurrent_activation,
                     forget_bias=forget_bias,
-                    frame_size=frame_size,
+                    frame_size=size,
                 )
             )
         self._state: list[State] | None = None
@@ -488,16 +697,11 @@ class ConvLSTM2D(nn.Module):
         return sizes
 
     def _check_input(self, x: Tensor) -> Tensor:
+        """Check ``x`` and return it as ``(B, T, C, H, W)`` (a view for channels_last)."""
         if self.data_format == "channels_last":
-            if x.dim() != 5 or x.shape[-1] != self.in_channels:
-                raise ValueError(
-                    f"expected (B, T, H, W, C) with C={self.in_channels}, got {tuple(x.shape)}"
-                )
+            _check_frames(x, 5, -1, self.in_channels, "(B, T, H, W, C)")
             return x.permute(0, 1, 4, 2, 3)  # (B, T, C, H, W), a view
-        if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(
-                f"expected (B, T, C, H, W) with C={self.in_channels}, got {tuple(x.shape)}"
-            )
+        _check_frames(x, 5, 2, self.in_channels, "(B, T, C, H, W)")
         return x
 
     def _to_format(self, y: Tensor) -> Tensor:
@@ -521,7 +725,8 @@ class ConvLSTM2D(nn.Module):
         The last layer's output ``(B, T, Ch, H', W')`` (``(B, Ch, H', W')`` with
         ``return_sequences=False``), or a list of every layer's with
         ``return_all_layers=True``; with ``return_state=True`` a tuple
-        ``(output, [(h, c), ...])``.
+        ``(output, [(h, c), ...])``. Outputs are views of time-major buffers (not
+        contiguous); ``.contiguous()`` them if you need to ``.view`` them.
         """
         x = self._check_input(x)
         b, t = x.shape[:2]
@@ -532,72 +737,90 @@ class ConvLSTM2D(nn.Module):
                 f"initial_state must have one (h, c) per layer ({self.num_layers}), "
                 f"got {len(initial_state)}"
             )
+        # Time-major inside: the frames of step t are then one contiguous block, which
+        # the recurrent convolution reads and writes without copies; this transpose
+        # copies only the (usually few-channel) input once.
+        frames = x.transpose(0, 1).reshape(t * b, *x.shape[2:])  # (T*B, C, H, W)
         outputs: list[Tensor] = []
         states: list[State] = []
-        layer_input = x
+        checkpointing = self.checkpoint_steps > 0 and torch.is_grad_enabled() and self.training
         for layer, cell in enumerate(self.cells):
-            c_in, hh, ww = layer_input.shape[2:]
-            # All input-to-state convolutions of the layer at once, outside the loop.
-            x_gates = cell.input_conv(layer_input.reshape(b * t, c_in, hh, ww))  # (B*T, 4Ch, H', W')
-            x_gates = x_gates.reshape(b, t, *x_gates.shape[1:])  # (B, T, 4Ch, H', W')
+            frames = frames.contiguous(memory_format=self._memory_format)
+            # All input-to-state convolutions of the layer at once, outside the loop (with
+            # checkpointing, per chunk: the gates are then recomputed, not stored).
+            x_gates = cell.input_conv(frames[:b] if checkpointing else frames)  # (T*B, 4Ch, H', W')
+            x_gates = x_gates.unflatten(0, (-1, b))  # (T, B, 4Ch, H', W'), a view
             if initial_state is None:
-                state = cell.init_state(x_gates[:, 0])
+                state = cell.init_state(x_gates[0])
             else:
                 state = tuple(initial_state[layer])  # type: ignore[assignment]
-                _check_state(state, b, cell.hidden_channels, x_gates.shape[-2:], layer)
-            hs, state = self._run_layer(cell, x_gates, state)
-            out = torch.stack(hs, dim=1)  # (B, T, Ch, H', W')
+                _check_state(state, x_gates[0], cell.hidden_channels, layer)
+                state = tuple(s.contiguous(memory_format=self._memory_format) for s in state)
+            if checkpointing:
+                hs, state = self._run_checkpointed(cell, frames.unflatten(0, (t, b)), state)
+            else:
+                hs, state = cell.run(x_gates, state)  # hs: (T, B, Ch, H', W')
             states.append(state)
-            outputs.append(out)
+            outputs.append(hs)
             if self.dropout and self.training and layer < self.num_layers - 1:
-                out = F.dropout(out, self.dropout, training=True)
-            layer_input = out
+                hs = F.dropout(hs, self.dropout, training=True)
+            frames = hs.flatten(0, 1)  # (T*B, Ch, H', W'), a view
         if self.stateful:
-            self._state = [(h.detach(), c.detach()) for h, c in states]
+            # clone: h is a view of the layer's whole (T, B, ...) output buffer
+            self._state = [(h.detach().clone(), c.detach().clone()) for h, c in states]
 
-        def finish(y: Tensor) -> Tensor:
-            return self._to_format(y if self.return_sequences else y[:, -1])
+        def finish(y: Tensor) -> Tensor:  # (T, B, Ch, H', W') -> the caller's layout
+            return self._to_format(y.transpose(0, 1) if self.return_sequences else y[-1])
 
         result = [finish(y) for y in outputs] if self.return_all_layers else finish(outputs[-1])
         if self.return_state:
             return result, states
         return result
 
-    def _run_layer(self, cell: ConvLSTMCell, x_gates: Tensor, state: State):
-        steps = x_gates.unbind(1)  # unbind, not x[:, t]: its backward is one stack, not T zero-fills
-        chunk = self.checkpoint_steps
-        if chunk and torch.is_grad_enabled() and self.training:
-            hs: list[Tensor] = []
-            for start in range(0, len(steps), chunk):
-                part = steps[start : start + chunk]
-                out = checkpoint(_run_steps, cell, state[0], state[1], *part, use_reentrant=False)
-                hs.extend(out[:-1])  # h_1..h_k of the chunk
-                state = (out[-2], out[-1])  # (h_k, c_k)
-            return hs, state
-        hs = []
-        for xg in steps:
-            state = cell.recurrent_step(xg, state)
-            hs.append(state[0])
-        return hs, state
+    def _run_checkpointed(self, cell: ConvLSTMCell, frames: Tensor, state: State) -> tuple[Tensor, State]:
+        """``frames`` ``(T, B, C, H, W)`` -> ``hs`` ``(T, B, Ch, H', W')``, final ``(h, c)``,
+        recomputing each chunk of ``checkpoint_steps`` steps in the backward pass."""
+        hs_parts = []
+        for part in frames.split(self.checkpoint_steps):  # split: one backward node, no zero-fills
+            # Non-reentrant checkpoint: only the chunk's input frames and state are kept;
+            # its input gates, gate activations and cell states are recomputed.
+            hs, c = checkpoint(_run_chunk, cell, part, *state, use_reentrant=False)
+            hs_parts.append(hs)
+            state = (hs[-1], c)
+        return torch.cat(hs_parts), state
 
     @torch.no_grad()
     def step(self, x_t: Tensor, states: Sequence[State] | None = None) -> tuple[Tensor, list[State]]:
         """Streaming inference: advance every layer by one frame.
 
-        ``x_t`` is ``(B, C, H, W)`` (``(B, H, W, C)`` with ``channels_last``); returns the
-        last layer's ``h`` in the same layout and the new ``[(h, c), ...]``.
+        Parameters
+        ----------
+        x_t
+            ``(B, C, H, W)`` (``(B, H, W, C)`` with ``channels_last``).
+        states
+            ``[(h, c), ...]`` from the previous call, or ``None`` to start from zeros.
+
+        Returns
+        -------
+        The last layer's ``h`` ``(B, Ch, H', W')`` in the input's layout, and the new
+        ``[(h, c), ...]``.
         """
         if self.data_format == "channels_last":
-            x_t = x_t.permute(0, 3, 1, 2)
+            _check_frames(x_t, 4, -1, self.in_channels, "(B, H, W, C)")
+            x_t = x_t.permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            _check_frames(x_t, 4, 1, self.in_channels, "(B, C, H, W)")
+        if states is not None and len(states) != self.num_layers:
+            raise ValueError(
+                f"states must have one (h, c) per layer ({self.num_layers}), got {len(states)}"
+            )
         new_states: list[State] = []
-        inp = x_t
+        inp = x_t.contiguous(memory_format=self._memory_format)
         for layer, cell in enumerate(self.cells):
-            state = None if states is None else states[layer]
-            h, c = cell(inp, state)
+            h, c = cell(inp, None if states is None else states[layer])
             new_states.append((h, c))
             inp = h
-        out = inp.permute(0, 2, 3, 1) if self.data_format == "channels_last" else inp
-        return out, new_states
+        return self._to_format(inp), new_states
 
     # -- weights in the Keras layout, for porting models to and from Keras/TF.js -------
     def get_weights(self) -> list[dict[str, np.ndarray]]:
@@ -652,14 +875,11 @@ class ConvLSTM2D(nn.Module):
                 param.copy_(value)
 
 
-def _run_steps(cell: ConvLSTMCell, h: Tensor, c: Tensor, *x_gates: Tensor) -> tuple[Tensor, ...]:
-    """Run steps of one chunk; returns ``(h_1, ..., h_k, c_k)`` (checkpoint-friendly)."""
-    state = (h, c)
-    hs = []
-    for xg in x_gates:
-        state = cell.recurrent_step(xg, state)
-        hs.append(state[0])
-    return (*hs, state[1])
+def _run_chunk(cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """One checkpointed chunk: ``frames`` ``(k, B, C, H, W)`` -> ``(hs, c_k)``."""
+    x_gates = cell.input_conv(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (k, B, 4Ch, H', W')
+    hs, (_, c) = cell.run(x_gates, (h, c))
+    return hs, c
 
 
 class MaxPool3D(nn.Module):
