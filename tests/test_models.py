@@ -89,3 +89,16 @@ def test_output_activations(name):
     y = make_output_activation(name)(torch.linspace(-3, 3, 7))
     if name != "identity":
         assert (y >= 0).all()
+
+
+def test_residual_forecast_starts_from_persistence():
+    torch.manual_seed(0)
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 3, 2, (8, 8), output_activation="relu",
+                            residual=True)
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.zeros_(net.head.bias)
+    x = torch.rand(2, 3, 1, 8, 8)
+    # a zero head means "no change": every lead equals the last input frame
+    torch.testing.assert_close(net(x), x[:, -1:].expand(2, 2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"in_channels \(1\) must equal out_channels \(2\)"):
+        EncoderForecaster(1, 2, [4], residual=True)

@@ -109,6 +109,13 @@ class EncoderForecaster(nn.Module):
         ``sigmoid`` for [0, 1] images, ``softplus``/``relu``/``identity`` for rain.
     peephole, checkpoint_steps
         Passed to every :class:`~nowcast.nn.ConvLSTM2D`.
+    residual
+        Forecast a change to persistence: the output is
+        ``output_activation(last input frame + network output)``. The untrained network
+        starts near "no change" and learns motion, growth and decay; with few training
+        samples this keeps long leads from fading to the climatological mean. Needs
+        ``in_channels == out_channels`` and an activation that keeps the input's range
+        (``relu``/``identity`` for rain in log space).
     """
 
     def __init__(
@@ -125,8 +132,15 @@ class EncoderForecaster(nn.Module):
         output_activation: str = "sigmoid",
         peephole: bool = False,
         checkpoint_steps: int = 0,
+        residual: bool = False,
     ) -> None:
         super().__init__()
+        if residual and in_channels != out_channels:
+            raise ValueError(
+                f"residual=True adds the last input frame to the output: in_channels "
+                f"({in_channels}) must equal out_channels ({out_channels})"
+            )
+        self.residual = residual
         hidden = [int(h) for h in hidden_channels]
         levels = len(hidden)
         if levels < 1:
@@ -181,6 +195,7 @@ class EncoderForecaster(nn.Module):
         """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
         b = x.shape[0]
+        last = x[:, -1:]  # (B, 1, C, H, W): persistence, for residual=True
         x = to_patches(x, self.patch_size)  # (B, T, C*p*p, H/p, W/p)
         states = []
         for level, encoder in enumerate(self.encoders):
@@ -198,7 +213,10 @@ class EncoderForecaster(nn.Module):
                 y = _upsample(y, self.pool_size)  # (B, T_l, Ch_{l+1}, H_l, W_l)
             y = self.forecasters[level](y, initial_state=states[level])  # (B, T_l, Ch_l, H_l, W_l)
         out = self.head(y.flatten(0, 1)).unflatten(0, (b, self.output_steps))  # (B, T_out, C_out*p*p, H/p, W/p)
-        return self.activation(from_patches(out, self.patch_size))  # (B, T_out, C_out, H, W)
+        out = from_patches(out, self.patch_size)  # (B, T_out, C_out, H, W)
+        if self.residual:
+            out = out + last  # broadcast over T_out
+        return self.activation(out)
 
 
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:
