@@ -101,9 +101,10 @@ def _summarise(metrics: dict[str, float], trainer: L.Trainer, output_dir: Path) 
     if model_mse is not None and base_mse is not None and not math.isnan(base_mse):
         gain = 100.0 * (1.0 - model_mse / base_mse) if base_mse > 0 else float("nan")
         verdict = "better than" if model_mse < base_mse else "NOT better than"
+        change = f"{gain:.1f}% lower error" if gain >= 0 else f"{-gain:.1f}% higher error"
         log.info(
-            "validation MSE: model %.5f vs persistence %.5f -> the model is %s persistence "
-            "(%.1f%% lower error)", model_mse, base_mse, verdict, gain,
+            "validation MSE: model %.5f vs persistence %.5f -> the model is %s persistence (%s)",
+            model_mse, base_mse, verdict, change,
         )
         for key in ("val/ssim", "val/mse_frame", "val/csi_1mmh"):
             if key in metrics:
