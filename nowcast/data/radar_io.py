@@ -28,7 +28,7 @@ import logging
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -342,8 +342,8 @@ class RadarArchive:
         log.warning("%s; skipped", message)
         warnings.warn(f"{message}; skipped", RuntimeWarning, stacklevel=3)
 
-    def _inspect_first(self, paths: list[Path], units: str | None) -> None:
-        """Variable, grid, units and layout from the first readable file."""
+    def _readable(self, paths: list[Path]) -> Iterator[tuple[Path, netCDF4.Dataset]]:
+        """Open each file in turn (closed after use); unreadable ones go to :meth:`_bad_file`."""
         for path in paths:
             try:
                 ds = netCDF4.Dataset(path)
@@ -351,7 +351,12 @@ class RadarArchive:
                 self._bad_file(path, error)
                 continue
             with ds:
-                self._inspect(ds, path, units)
+                yield path, ds
+
+    def _inspect_first(self, paths: list[Path], units: str | None) -> None:
+        """Variable, grid, units and layout from the first readable file."""
+        for path, ds in self._readable(paths):
+            self._inspect(ds, path, units)
             return
         raise RadarDataError(f"none of the {len(paths)} radar files could be read")
 
@@ -427,18 +432,10 @@ class RadarArchive:
         return np.array([np.datetime64(when, "ns")])
 
     def _scan(self, paths: list[Path]) -> list[_File]:
-        files: list[_File] = []
         if self.filename_time_format is not None and self._time_dim is None:
             # Times from the names: no file is opened; grids are checked as frames are read.
             return [_File(p, self._time_from_name(p), None) for p in paths]
-        for path in paths:
-            try:
-                ds = netCDF4.Dataset(path)
-            except OSError as error:
-                self._bad_file(path, error)
-                continue
-            with ds:
-                files.append(self._scan_one(ds, path))
+        files = [self._scan_one(ds, path) for path, ds in self._readable(paths)]
         if not files:
             raise RadarDataError(f"none of the {len(paths)} radar files could be read")
         return files
