@@ -180,7 +180,7 @@ class NowcastModule(L.LightningModule):
         forecast = self.transform.decode(pred.float())
         update_scores(self.scores[stage], forecast, target, mask)
         if self.persistence_baseline:
-            last = self.transform.decode(batch["inputs"].float())
+            last = self.transform.decode(batch["inputs"][:, -1:].float())  # (B, 1, C, H, W): all persistence needs
             update_scores(self.baseline_scores[stage], persistence(last, self.num_leads), target, mask)
 
     def on_validation_epoch_end(self) -> None:
