@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nowcast.nn import ConvLSTM2D
+from nowcast.nn.conv import get_cpu_conv_backend, set_cpu_conv_backend
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,15 @@ def _vm_hwm_kib() -> int:
 def memory_child(spec: dict) -> dict:
     """Run one training step in this (fresh) process; report peak memory growth in MiB."""
     torch.set_num_threads(spec["threads"])
+    set_cpu_conv_backend(spec["conv_backend"])
     cfg = replace(CONFIGS[spec["config"]], steps=spec["steps"])
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
-    ours, ref = build(cfg, device, dtype, checkpoint_steps=spec["checkpoint_steps"])
+    ours, ref = build(cfg, device, dtype, checkpoint_steps=spec["checkpoint_steps"],
+                      memory_format=spec["memory_format"])
     model = ref if spec["model"] == "reference" else ours
     x, y = make_batch(cfg, device, dtype)
     step = train_step_fn(model, x, y, None)
+    step()  # warm-up: optimizer state, per-shape kernel choice (timing runs allocate)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -258,6 +262,7 @@ def measure_memory(cfg: Config, args: argparse.Namespace, model: str, checkpoint
     spec = {
         "config": cfg.name, "device": args.device, "dtype": args.dtype, "threads": args.threads,
         "model": model, "checkpoint_steps": checkpoint_steps, "steps": cfg.steps,
+        "memory_format": args.memory_format, "conv_backend": args.conv_backend,
     }
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", json.dumps(spec)],
@@ -269,7 +274,7 @@ def measure_memory(cfg: Config, args: argparse.Namespace, model: str, checkpoint
 # -- main ---------------------------------------------------------------------------------------
 def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str]:
     device, dtype = args.device, getattr(torch, args.dtype)
-    ours, ref = build(cfg, device, dtype)
+    ours, ref = build(cfg, device, dtype, memory_format=args.memory_format)
     x, y = make_batch(cfg, device, dtype)
     with torch.no_grad():
         diff = (ours(x) - ref(x)).abs().max().item()
@@ -285,7 +290,15 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
     if half is not None:
         cases[f"reference train {args.autocast}"] = train_step_fn(ref, x, y, half)
         cases[f"ours train {args.autocast}"] = train_step_fn(ours, x, y, half)
-    flops = {name: count_flops(fn) for name, fn in cases.items()}  # also the warm-up run
+    # FLOPs of the direct convolutions (NNPACK's Winograd/FFT kernels do fewer
+    # multiplications for the same result; counting those would flatter the slower
+    # kernel), so GFLOP/s is "direct-convolution equivalent" for every case alike.
+    backend = get_cpu_conv_backend()
+    set_cpu_conv_backend("native")
+    flops = {name: count_flops(fn) for name, fn in cases.items()}
+    set_cpu_conv_backend(backend)
+    for fn in cases.values():  # warm-up, incl. the per-shape kernel choice of conv2d
+        fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for r in range(args.repeats):
         for name, fn in cases.items():  # interleaved: noise hits every case alike
@@ -327,6 +340,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="parameter and input dtype")
     parser.add_argument("--autocast", default="bfloat16", help="autocast row dtype: bfloat16, float16 or none")
     parser.add_argument("--steps", type=int, help="override the sequence length T (quick runs)")
+    parser.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
+                        help="ConvLSTM2D(memory_format=...) of our layer")
+    parser.add_argument("--conv-backend", default="auto", choices=["auto", "native", "nnpack"],
+                        help="CPU convolution kernels of our layer (nowcast.nn.conv)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -334,6 +351,7 @@ def main() -> None:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return
     torch.set_num_threads(args.threads)
+    set_cpu_conv_backend(args.conv_backend)
     names = list(CONFIGS) if args.config == "all" else [args.config]
     if args.steps:
         for name in names:
@@ -344,7 +362,8 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {args.device}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, dtype {args.dtype}; "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, dtype {args.dtype}, "
+        f"our layer: memory_format {args.memory_format}, CPU conv backend {args.conv_backend}; "
         f"practical peak (best large conv fwd+bwd) {peak:.0f} GFLOP/s",
         "",
         *[f"- {n}: {CONFIGS[n].describe()}" for n in names],

@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from nowcast.nn.conv import conv2d, conv2d_input_grad
+
 Activation = str | Callable[[Tensor], Tensor]
 State = tuple[Tensor, Tensor]
 
@@ -158,7 +160,7 @@ def _lstm_forward(
     saved_gates: list[Tensor] = []
     h, c = h0, c0
     for t in range(steps):
-        gates = F.conv2d(h, weight_2g, None, 1, padding)  # (B, 4*Ch, H, W)
+        gates = conv2d(h, weight_2g, None, padding)  # (B, 4*Ch, H, W)
         gates.addcmul_(x_gates[t], scale).sigmoid_()  # a_i, a_f, 2 a_g, a_o -> sigmoids
         i, f, s_g, o = gates.split(n, dim=1)  # each (B, Ch, H, W)
         c_next = cs[t] if save else torch.empty_like(c)
@@ -238,10 +240,7 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
             dc.mul_(f)  # dL/dc_{t-1}
             h_prev = h0 if t == 0 else hs[t - 1]
             if t > 0 or ctx.needs_input_grad[2]:
-                dh_rec = torch.ops.aten.convolution_backward(
-                    grad_x[t], h_prev, w, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
-                    [True, False, False],
-                )[0]
+                dh_rec = conv2d_input_grad(grad_x[t], h_prev, w, ctx.padding)
         grad_w = None
         if ctx.needs_input_grad[1]:
             # All steps' weight gradients in one convolution-backward over T*B frames
@@ -393,6 +392,9 @@ class ConvLSTMCell(nn.Module):
             else:  # asymmetric: pad explicitly, extra row/column at the end as TF does
                 x = F.pad(x, (pl, pr, pt, pb))
                 padding = 0
+        if self.stride == (1, 1) and self.dilation == (1, 1):
+            pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
+            return conv2d(x, self.weight_x, self.bias, pad)  # oneDNN or NNPACK, per shape
         return F.conv2d(x, self.weight_x, self.bias, self.stride, padding, self.dilation)
 
     def init_state(self, x_gates: Tensor) -> State:

@@ -1,0 +1,140 @@
+"""The fastest CPU kernel for each stride-1 convolution shape: oneDNN or NNPACK.
+
+``F.conv2d`` on the CPU runs oneDNN's direct convolution. PyTorch also ships NNPACK,
+whose Winograd and FFT kernels do fewer multiplications: on the 2-core AVX-512 machines
+this project is developed on, NNPACK runs the 5x5 ConvLSTM convolutions 1.3-2.3x faster
+and some 3x3 ones 1.3x faster, while oneDNN wins others (few input channels, 3x3 with
+more input than output channels). Which one wins depends on the shape and the machine,
+so :func:`conv2d` times both the first time it meets a shape (like
+``torch.backends.cudnn.benchmark``) and remembers the winner. With
+``torch.use_deterministic_algorithms(True)`` (Lightning's ``deterministic=True``) it
+keeps to oneDNN, so that runs repeat bit for bit.
+
+NNPACK is used only where it computes the same function: float32 CPU tensors outside
+autocast, stride 1, dilation 1, symmetric padding, not while tracing or compiling. Its Winograd/FFT results
+differ from oneDNN's by float32 rounding (relative ~1e-6); float64 never uses it.
+
+``NOWCAST_CPU_CONV`` (environment) or :func:`set_cpu_conv_backend` choose the policy:
+``"auto"`` (default: benchmark per shape), ``"native"`` (always ``F.conv2d``) or
+``"nnpack"`` (NNPACK wherever eligible).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["conv2d", "conv2d_input_grad", "get_cpu_conv_backend", "set_cpu_conv_backend"]
+
+_POLICIES = ("auto", "native", "nnpack")
+_policy = os.environ.get("NOWCAST_CPU_CONV", "auto")
+_choices: dict[tuple, bool] = {}  # shape key -> use NNPACK
+_nnpack: bool | None = None  # availability, probed once
+
+
+def set_cpu_conv_backend(policy: str) -> None:
+    """``"auto"`` (time both kernels per shape), ``"native"`` or ``"nnpack"``."""
+    global _policy
+    if policy not in _POLICIES:
+        raise ValueError(f"CPU convolution backend must be one of {_POLICIES}, got {policy!r}")
+    _policy = policy
+    _choices.clear()
+
+
+def get_cpu_conv_backend() -> str:
+    """The current policy (see :func:`set_cpu_conv_backend`)."""
+    if _policy not in _POLICIES:
+        raise ValueError(
+            f"NOWCAST_CPU_CONV must be one of {_POLICIES}, got {_policy!r}"
+        )
+    return _policy
+
+
+def _nnpack_available() -> bool:
+    global _nnpack
+    if _nnpack is None:
+        # Also initialises NNPACK; its kernels fail until this has run once.
+        _nnpack = bool(torch._nnpack_available())
+    return _nnpack
+
+
+def _eligible(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 4
+        and padding[0] >= 0
+        and padding[1] >= 0
+        and get_cpu_conv_backend() != "native"
+        and not torch.is_autocast_enabled("cpu")  # F.conv2d would run in bf16/fp16 there
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _nnpack_available()
+    )
+
+
+def _best_seconds(fn, repeats: int = 2) -> float:
+    fn()  # warm-up: weight reorders, scratch buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _use_nnpack(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> bool:
+    if not _eligible(x, weight, padding):
+        return False
+    if get_cpu_conv_backend() == "nnpack":
+        return True
+    if torch.are_deterministic_algorithms_enabled():
+        return False  # a timing-dependent choice would make runs differ in the last bits
+    key = (tuple(x.shape), tuple(weight.shape), padding, bias is not None,
+           x.is_contiguous(), torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        with torch.no_grad():
+            xd, wd = x.detach(), weight.detach()
+            b = None if bias is None else bias.detach()
+            native = _best_seconds(lambda: F.conv2d(xd, wd, b, 1, padding))
+            # including the copies conv2d makes for NNPACK (NCHW-contiguous only)
+            nnpack = _best_seconds(
+                lambda: torch._nnpack_spatial_convolution(xd.contiguous(), wd.contiguous(), b, padding)
+            )
+        choice = _choices[key] = nnpack < native
+    return choice
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` on the faster kernel.
+
+    Differentiable (NNPACK's backward is torch's convolution backward). The NNPACK
+    output is NCHW-contiguous whatever the input's memory format.
+    """
+    if _use_nnpack(x, weight, bias, padding):
+        return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, padding)
+    return F.conv2d(x, weight, bias, 1, padding)
+
+
+def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:
+    """``dL/dx`` of ``conv2d(x, weight, padding=padding)`` given ``grad = dL/dout``.
+
+    For stride 1 this is itself a convolution, of ``grad`` with the flipped, transposed
+    kernel and padding ``k - 1 - p``, which :func:`conv2d` may run on NNPACK. No autograd.
+    """
+    kh, kw = weight.shape[-2:]
+    flipped_padding = (kh - 1 - padding[0], kw - 1 - padding[1])
+    if grad.shape[-2:] == x.shape[-2:]:
+        flipped = weight.transpose(0, 1).flip(2, 3)  # (C_in, C_out, kh, kw)
+        if _use_nnpack(grad, flipped, None, flipped_padding):
+            return torch._nnpack_spatial_convolution(grad.contiguous(), flipped.contiguous(), None,
+                                                     flipped_padding)
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, [True, False, False]
+    )[0]
