@@ -11,6 +11,7 @@ sweeps use these exact strings.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,8 +87,17 @@ class NowcastModule(L.LightningModule):
         data_range: float = 1.0,
         lead_times: Sequence[str] | None = None,
         persistence_baseline: bool = True,
+        teacher_forcing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= teacher_forcing <= 1.0:
+            raise ValueError(f"teacher_forcing must be a fraction of training in [0, 1], got {teacher_forcing}")
+        if teacher_forcing and "targets" not in inspect.signature(net.forward).parameters:
+            raise ValueError(
+                f"teacher_forcing={teacher_forcing} needs a network that reads its own forecasts "
+                f"(e.g. nowcast.models.ConvLSTMNet); {type(net).__name__} does not"
+            )
+        self.teacher_forcing = teacher_forcing
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.net = net
@@ -149,8 +159,22 @@ class NowcastModule(L.LightningModule):
         return self.net(x)
 
     # -- steps -------------------------------------------------------------------------
+    def teacher_forcing_probability(self) -> float:
+        """Scheduled sampling: the chance of feeding the true previous frame, decaying
+        linearly from 1 to 0 over the first ``teacher_forcing`` fraction of training."""
+        if not self.teacher_forcing:
+            return 0.0
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        return max(0.0, 1.0 - self.global_step / (self.teacher_forcing * max(total, 1)))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        pred = self(batch["inputs"])
+        p = self.teacher_forcing_probability()
+        if self.teacher_forcing:
+            self.log("train/teacher_forcing", p, on_step=True, on_epoch=False)
+        if p > 0:
+            pred = self.net(batch["inputs"], targets=batch["targets"], teacher_forcing=p)
+        else:
+            pred = self(batch["inputs"])
         loss = self.loss(pred, batch["targets"], batch.get("mask"))
         if not torch.isfinite(loss):
             # Stop before the optimizer writes NaNs into the weights; checkpoints

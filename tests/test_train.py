@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from nowcast.evaluate import evaluate
 from nowcast.train import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, TINY, compose_config
 
 
 def test_fast_dev_run(train_cfg):
@@ -137,3 +137,28 @@ def test_unknown_key_and_option_errors_from_hydra():
     assert out.returncode != 0
     assert "Could not find 'data/not_a_dataset'" in out.stderr
     assert "moving_mnist" in out.stderr  # the valid choices are listed
+
+
+def test_convlstm_net_trains_with_scheduled_sampling(tmp_path):
+    # 32 sequences in batches of 8: 4 steps; p falls from 1 to 0 over the first half
+    cfg = compose_config(
+        "train",
+        TINY + ["model=convlstm", "model.net.kernel_size=3", "model.teacher_forcing=0.5", "logger=csv"],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert math.isfinite(metrics["val/mse"])
+    import pandas as pd
+
+    (csv,) = tmp_path.rglob("metrics.csv")
+    logged = pd.read_csv(csv)[["step", "train/teacher_forcing"]].dropna()
+    assert logged["train/teacher_forcing"].tolist() == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_teacher_forcing_needs_a_network_that_reads_its_forecasts(tmp_path):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", TINY + ["model.teacher_forcing=0.5"], tmp_path)
+    with pytest.raises(InstantiationException, match="EncoderForecaster does not"):
+        instantiate(cfg.model)

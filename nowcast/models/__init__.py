@@ -1,5 +1,7 @@
 """Networks built from :mod:`nowcast.nn` layers; pure torch, no Lightning."""
 
+from nowcast.models.autoregressive import ConvLSTMNet
 from nowcast.models.encoder_forecaster import EncoderForecaster, Shi2015, make_output_activation
+from nowcast.models.hybrid import ExtrapolationResidual
 
-__all__ = ["EncoderForecaster", "Shi2015", "make_output_activation"]
+__all__ = ["ConvLSTMNet", "EncoderForecaster", "ExtrapolationResidual", "Shi2015", "make_output_activation"]
