@@ -102,3 +102,67 @@ def test_residual_forecast_starts_from_persistence():
     torch.testing.assert_close(net(x), x[:, -1:].expand(2, 2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"in_channels \(1\) must equal out_channels \(2\)"):
         EncoderForecaster(1, 2, [4], residual=True)
+
+
+# -- the autoregressive ConvLSTM stack --------------------------------------------------
+def test_convlstm_net_shapes_and_errors():
+    from nowcast.models import ConvLSTMNet
+
+    net = ConvLSTMNet(1, 1, [4, 6], 3, input_steps=3, output_steps=5, frame_size=8, patch_size=2)
+    assert net(torch.rand(2, 3, 1, 8, 8)).shape == (2, 5, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"in_channels \(1\) must equal out_channels \(2\)"):
+        ConvLSTMNet(1, 2, [4])
+    with pytest.raises(ValueError, match="not divisible by patch_size 4"):
+        ConvLSTMNet(1, 1, [4], frame_size=10, patch_size=4)
+    with pytest.raises(ValueError, match="teacher_forcing > 0 needs the targets"):
+        net(torch.rand(2, 3, 1, 8, 8), teacher_forcing=0.5)
+
+
+def test_convlstm_net_feeds_back_its_forecasts():
+    from nowcast.models import ConvLSTMNet
+
+    torch.manual_seed(0)
+    net = ConvLSTMNet(1, 1, [3, 3], 3, input_steps=3, output_steps=4, frame_size=8, patch_size=2).double()
+    x = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
+    y = torch.rand(2, 4, 1, 8, 8, dtype=torch.float64)
+    free = net(x)
+    # Full teacher forcing reads the true sequence in one fused pass; a probability just
+    # below 1 takes the step-wise path and (almost surely) feeds the truth every step too.
+    forced = net(x, targets=y, teacher_forcing=1.0)
+    torch.testing.assert_close(forced, net(x, targets=y, teacher_forcing=1 - 1e-12))
+    # the first lead depends on the inputs only; later ones on what was fed back
+    torch.testing.assert_close(forced[:, 0], free[:, 0])
+    assert not torch.allclose(forced[:, 1:], free[:, 1:])
+    # free-running: lead 2 must change when lead 1's forecast would (through the feedback)
+    x2 = x.clone()
+    x2[:, -1] += 0.5
+    assert not torch.allclose(net(x2)[:, 1], free[:, 1])
+
+
+# -- optical flow + learned correction ------------------------------------------------------
+def test_extrapolation_residual_starts_as_optical_flow():
+    pytest.importorskip("pysteps")
+    pytest.importorskip("cv2")
+    from nowcast.baselines import OpticalFlowExtrapolation
+    from nowcast.data.transforms import LogRainRate
+    from nowcast.models import ExtrapolationResidual
+
+    torch.manual_seed(0)
+    transform = LogRainRate()
+    inner = EncoderForecaster(1, 1, [4], 3, input_steps=3, output_steps=2, frame_size=None,
+                              output_activation="identity")
+    net = ExtrapolationResidual(inner, transform=transform, output_activation="relu", max_value=50.0)
+    # a rain blob moving one pixel per step to the right
+    rain = torch.zeros(1, 3, 1, 32, 32)
+    for t in range(3):
+        rain[0, t, 0, 10:18, 8 + t:16 + t] = 20.0
+    out = net(transform.encode(rain))
+    expected = OpticalFlowExtrapolation()(rain, 2)
+    # zero-initialised head: the untrained model is exactly the extrapolation
+    torch.testing.assert_close(transform.decode(out), expected, atol=1e-3, rtol=1e-4)
+    assert out.requires_grad  # and the correction network trains
+    # the physical upper bound holds whatever the correction does
+    torch.nn.init.constant_(inner.head.bias, 10.0)
+    assert transform.decode(net(transform.encode(rain))).max() <= 50.0 + 1e-3
+    with pytest.raises(ValueError, match=r"in_channels \(1\) must equal net.out_channels \(2\)"):
+        ExtrapolationResidual(EncoderForecaster(1, 2, [4], frame_size=None))
