@@ -38,7 +38,7 @@ def test_conv2d_and_input_grad_match_torch(policy, backend, shape, kernel, pad):
     torch.testing.assert_close(dx, want[0], atol=1e-4, rtol=1e-4)
 
 
-def test_float64_and_native_never_use_nnpack(policy, monkeypatch):
+def test_float64_channels_last_and_native_never_use_nnpack(policy, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("NNPACK called")
 
@@ -46,14 +46,18 @@ def test_float64_and_native_never_use_nnpack(policy, monkeypatch):
     x64, w64 = torch.randn(1, 2, 8, 8, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
     policy("nnpack")
     conv_backend.conv2d(x64, w64, None, (1, 1))
+    conv_backend.conv2d(x64.float().to(memory_format=torch.channels_last), w64.float(), None, (1, 1))
     policy("native")
     conv_backend.conv2d(x64.float(), w64.float(), None, (1, 1))
 
 
 @nnpack
-def test_convlstm_layer_same_on_either_kernel(policy):
+def test_convlstm_layer_same_on_either_kernel(policy, monkeypatch):
+    calls = []
+    real = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    layer = ConvLSTM2D(2, [8, 6], [5, 3])
+    layer = ConvLSTM2D(2, [8, 6], [5, 3], memory_format="contiguous")  # NNPACK reads NCHW only
     x = torch.randn(2, 4, 2, 16, 16)
     outs, grads = [], []
     for backend in ("native", "nnpack"):
@@ -61,6 +65,7 @@ def test_convlstm_layer_same_on_either_kernel(policy):
         y = layer(x)
         outs.append(y)
         grads.append(torch.autograd.grad(y.square().sum(), list(layer.parameters())))
+    assert calls  # the second pass really ran on NNPACK
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, atol=1e-4, rtol=1e-3)

@@ -11,7 +11,13 @@ so :func:`conv2d` times both the first time it meets a shape (like
 keeps to oneDNN, so that runs repeat bit for bit.
 
 NNPACK is used only where it computes the same function: float32 CPU tensors outside
-autocast, stride 1, dilation 1, symmetric padding, not while tracing or compiling. Its Winograd/FFT results
+autocast, stride 1, dilation 1, symmetric padding, not while tracing or compiling; and
+only on NCHW-contiguous inputs, i.e. in layers built with ``memory_format="contiguous"``
+(in channels_last layers the layout copies cost more than NNPACK saves). Measured on the
+benchmark configs (``docs/benchmarks.md``): it speeds up CPU inference of 5x5 layers
+(forward 1.40x the reference at config P, against 1.02x for channels_last oneDNN) but not
+training, whose NCHW weight gradients are slower in oneDNN; so channels_last stays the
+default and ``memory_format="contiguous"`` is the choice for CPU inference. Its Winograd/FFT results
 differ from oneDNN's by float32 rounding (relative ~1e-6); float64 never uses it.
 
 ``NOWCAST_CPU_CONV`` (environment) or :func:`set_cpu_conv_backend` choose the policy:
@@ -68,6 +74,9 @@ def _eligible(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() == 4
+        # NNPACK reads NCHW only: in channels_last layers the copies in and out (and the
+        # mixed layouts after) cost more than it saves (measured: docs/benchmarks.md)
+        and x.is_contiguous()
         and padding[0] >= 0
         and padding[1] >= 0
         and get_cpu_conv_backend() != "native"
