@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from nowcast.models.encoder_forecaster import (
     _check_input,
-    _frame_size,
     from_patches,
     make_output_activation,
+    set_flat_io,
     to_patches,
 )
 from nowcast.nn import ConvLSTM2D
@@ -69,15 +69,7 @@ class ConvLSTMNet(nn.Module):
                 f"ConvLSTMNet feeds its forecasts back as inputs: in_channels ({in_channels}) "
                 f"must equal out_channels ({out_channels})"
             )
-        h, w = _frame_size(frame_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"frame_size {(h, w)} is not divisible by patch_size {patch_size}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.input_steps = input_steps
-        self.output_steps = output_steps
-        self.patch_size = patch_size
-        self.spatial_divisor = patch_size
+        set_flat_io(self, in_channels, out_channels, input_steps, output_steps, frame_size, patch_size)
         kernels = kernel_size if isinstance(kernel_size, int) else list(kernel_size)
         hidden = [int(c) for c in hidden_channels]
         self.stack = ConvLSTM2D(in_channels * patch_size**2, hidden, kernels, return_state=True,

@@ -67,6 +67,28 @@ def _frame_size(frame_size: int | Sequence[int] | None) -> tuple[int, int]:
     return h, w
 
 
+def set_flat_io(
+    net: nn.Module,
+    in_channels: int,
+    out_channels: int,
+    input_steps: int,
+    output_steps: int,
+    frame_size: int | Sequence[int] | None,
+    patch_size: int,
+) -> None:
+    """Check ``frame_size`` against ``patch_size`` and set the I/O attributes of a network
+    without spatial pooling (``spatial_divisor`` = ``patch_size``)."""
+    h, w = _frame_size(frame_size)
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"frame_size {(h, w)} is not divisible by patch_size {patch_size}")
+    net.in_channels = in_channels
+    net.out_channels = out_channels
+    net.input_steps = input_steps
+    net.output_steps = output_steps
+    net.patch_size = patch_size
+    net.spatial_divisor = patch_size
+
+
 def _check_input(x: Tensor, channels: int, steps: int, divisor: int) -> None:
     if x.dim() != 5 or x.shape[2] != channels or x.shape[1] != steps:
         raise ValueError(
@@ -253,15 +275,7 @@ class Shi2015(nn.Module):
     ) -> None:
         super().__init__()
         hidden = [int(h) for h in hidden_channels]
-        h, w = _frame_size(frame_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"frame_size {(h, w)} is not divisible by patch_size {patch_size}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.input_steps = input_steps
-        self.output_steps = output_steps
-        self.patch_size = patch_size
-        self.spatial_divisor = patch_size
+        set_flat_io(self, in_channels, out_channels, input_steps, output_steps, frame_size, patch_size)
         kernels = kernel_size if isinstance(kernel_size, int) else list(kernel_size)
         self.encoder = ConvLSTM2D(in_channels * patch_size**2, hidden, kernels,
                                   return_state=True, checkpoint_steps=checkpoint_steps,
