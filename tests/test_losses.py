@@ -57,3 +57,60 @@ def test_balanced_argument_errors():
         BalancedMSEMAE(thresholds=[1, 2], weights=[1, 2])
     with pytest.raises(ValueError, match="thresholds must increase"):
         BalancedMSEMAE(thresholds=[2, 1], weights=[1, 2, 3])
+
+
+def test_soft_csi_scores_events_and_respects_the_mask():
+    from nowcast.data.transforms import LogRainRate
+    from nowcast.losses import SoftCSI
+
+    transform = LogRainRate()
+    loss = SoftCSI([1.0], temperature=1e-4, transform=transform)  # ~hard threshold
+    rain = torch.tensor([0.0, 5.0, 5.0, 0.0]).view(1, 1, 1, 2, 2)
+    target = transform.encode(rain)
+    assert loss(target, target).item() == pytest.approx(0.0, abs=1e-4)
+    # one hit, one miss, one false alarm: CSI = 1/3
+    forecast = transform.encode(torch.tensor([5.0, 5.0, 0.0, 0.0]).view(1, 1, 1, 2, 2))
+    assert loss(forecast, target).item() == pytest.approx(2 / 3, abs=1e-4)
+    # masking the miss and the false alarm leaves the hit: CSI = 1; NaN under the mask is ignored
+    mask = torch.tensor([False, True, False, True]).view(1, 1, 1, 2, 2)
+    target_nan = torch.where(mask, target, torch.nan)
+    assert loss(forecast, target_nan, mask).item() == pytest.approx(0.0, abs=1e-4)
+    # differentiable: raising a missed pixel lowers the loss
+    soft = SoftCSI([1.0], temperature=0.05, transform=transform)
+    pred = forecast.clone().requires_grad_()
+    soft(pred, target).backward()
+    assert pred.grad.view(-1)[2] < 0  # the miss: predicting more rain there helps
+
+
+def test_loss_sum_weights_its_terms():
+    from nowcast.losses import LossSum
+
+    pred, target = torch.zeros(1, 1, 1, 2, 2), torch.full((1, 1, 1, 2, 2), 2.0)
+    total = LossSum([MaskedMSE(), MaskedMAE()], [1.0, 0.5])
+    assert total(pred, target).item() == pytest.approx(4.0 + 0.5 * 2.0)
+    with pytest.raises(ValueError, match="one weight per term"):
+        LossSum([MaskedMSE()], [1.0, 2.0])
+
+
+def test_physical_mae_decodes_first():
+    from nowcast.data.transforms import LogRainRate
+    from nowcast.losses import PhysicalMAE
+
+    transform = LogRainRate()
+    pred = transform.encode(torch.tensor([1.0, 10.0, 50.0]).view(1, 3, 1, 1, 1))
+    target = transform.encode(torch.tensor([2.0, 10.0, 0.0]).view(1, 3, 1, 1, 1))
+    mask = torch.tensor([True, True, False]).view(1, 3, 1, 1, 1)
+    assert PhysicalMAE(transform)(pred, target, mask).item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_balanced_loss_with_a_csi_term_equals_the_sum():
+    from nowcast.data.transforms import LogRainRate
+    from nowcast.losses import LossSum, SoftCSI
+
+    torch.manual_seed(0)
+    transform = LogRainRate()
+    pred, target = torch.rand(2, 3, 1, 4, 4), torch.rand(2, 3, 1, 4, 4)
+    mask = torch.rand(2, 3, 1, 4, 4) > 0.2
+    combined = BalancedMSEMAE(transform=transform, csi_weight=0.1, csi_thresholds=[1.0])
+    separate = LossSum([BalancedMSEMAE(transform=transform), SoftCSI([1.0], transform=transform)], [1.0, 0.1])
+    assert combined(pred, target, mask).item() == pytest.approx(separate(pred, target, mask).item())
