@@ -166,3 +166,33 @@ def test_extrapolation_residual_starts_as_optical_flow():
     assert transform.decode(net(transform.encode(rain))).max() <= 50.0 + 1e-3
     with pytest.raises(ValueError, match=r"in_channels \(1\) must equal net.out_channels \(2\)"):
         ExtrapolationResidual(EncoderForecaster(1, 2, [4], frame_size=None))
+
+
+def test_probability_matching_restores_the_observed_distribution():
+    pytest.importorskip("pysteps")
+    pytest.importorskip("cv2")
+    from nowcast.data.transforms import LogRainRate
+    from nowcast.models import ExtrapolationResidual
+
+    torch.manual_seed(0)
+    transform = LogRainRate()
+    inner = EncoderForecaster(1, 1, [4], 3, input_steps=3, output_steps=2, frame_size=None,
+                              output_activation="identity")
+    net = ExtrapolationResidual(inner, transform=transform, probability_matching=True)
+    rain = torch.zeros(1, 3, 1, 32, 32)
+    for t in range(3):
+        rain[0, t, 0, 10:18, 8 + t:16 + t] = torch.linspace(1.0, 30.0, 64).view(8, 8)
+    x = transform.encode(rain)
+    faded = x[:, -1:].expand(1, 2, 1, 32, 32) * 0.5  # a forecast that lost half its log-intensity
+    matched = transform.decode(net.match_distribution(faded, x))
+    # same sorted values as the last observation, same dry pixels as the forecast
+    observed = torch.sort(rain[0, -1].flatten()).values
+    for t in range(2):
+        torch.testing.assert_close(torch.sort(matched[0, t].flatten()).values, observed, atol=1e-3, rtol=1e-4)
+        assert torch.equal(matched[0, t] > 0, faded[0, t] > 0)
+    # applied in eval mode only: training sees the raw forecast and its gradient
+    net.train()
+    assert net(x).requires_grad
+    net.eval()
+    with torch.no_grad():
+        assert transform.decode(net(x)).max() == pytest.approx(30.0, rel=1e-3)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nowcast.baselines import OpticalFlowExtrapolation
+from nowcast.baselines import OpticalFlowExtrapolation, _import_pysteps
 from nowcast.data.transforms import Identity, Transform
 from nowcast.models.encoder_forecaster import make_output_activation
 
@@ -41,6 +42,13 @@ class ExtrapolationResidual(nn.Module):
     max_value
         Upper bound of the forecast in physical units (e.g. 300 mm/h), encoded with
         ``transform``: in log space a small error of the correction is a huge rain rate.
+    probability_matching
+        In evaluation mode (``model.eval()``: validation, test, inference), remap each
+        forecast field's wet values to the empirical distribution of the last observed
+        frame, keeping their ranks and the dry pixels (pysteps'
+        ``nonparam_match_empirical_cdf``, as in its S-PROG and STEPS nowcasts): this
+        undoes the fading of intensities that MSE/MAE training causes at long leads.
+        Not applied in training (it has no gradient).
     **optical_flow
         Passed to :class:`~nowcast.baselines.OpticalFlowExtrapolation` (``method``,
         ``num_input_frames``, ``rain_threshold``, ...). Needs the ``pysteps`` extra.
@@ -56,6 +64,7 @@ class ExtrapolationResidual(nn.Module):
         transform: Transform | None = None,
         output_activation: str = "relu",
         max_value: float | None = None,
+        probability_matching: bool = False,
         **optical_flow: Any,
     ) -> None:
         super().__init__()
@@ -71,6 +80,7 @@ class ExtrapolationResidual(nn.Module):
         self.transform = transform or Identity()
         self.extrapolation = OpticalFlowExtrapolation(**optical_flow)
         self.activation = make_output_activation(output_activation)
+        self.probability_matching = probability_matching
         self.max_value = (
             None if max_value is None else float(self.transform.encode(torch.tensor(float(max_value))))
         )
@@ -94,4 +104,28 @@ class ExtrapolationResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C, H, W)``, network space."""
         out = self.activation(self.extrapolate(x) + self.net(x))
-        return out if self.max_value is None else out.clamp(max=self.max_value)
+        if self.max_value is not None:
+            out = out.clamp(max=self.max_value)
+        if self.probability_matching and not self.training:
+            out = self.match_distribution(out, x)
+        return out
+
+    @torch.no_grad()
+    def match_distribution(self, forecast: Tensor, x: Tensor) -> Tensor:
+        """Give every field of ``forecast`` ``(B, T_out, C, H, W)`` the value distribution
+        of the last input frame of ``x`` (network space in and out; see
+        ``probability_matching``)."""
+        match = _import_probability_matching()
+        fields = self.transform.decode(forecast.float()).cpu().numpy()  # (B, T, C, H, W)
+        last = self.transform.decode(x[:, -1].float()).cpu().numpy()  # (B, C, H, W)
+        matched = np.empty_like(fields)
+        for b, t, c in np.ndindex(*fields.shape[:3]):
+            matched[b, t, c] = match(fields[b, t, c], last[b, c])
+        return self.transform.encode(torch.from_numpy(matched).to(forecast.device)).to(forecast.dtype)
+
+
+def _import_probability_matching():
+    _import_pysteps()  # quiet import, clear message if missing
+    from pysteps.postprocessing.probmatching import nonparam_match_empirical_cdf
+
+    return nonparam_match_empirical_cdf
