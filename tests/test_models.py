@@ -140,10 +140,11 @@ def test_convlstm_net_feeds_back_its_forecasts():
 
 
 # -- optical flow + learned correction ------------------------------------------------------
-def test_extrapolation_residual_starts_as_optical_flow():
+def _hybrid_and_moving_blob(values, **kwargs):
+    """An untrained ExtrapolationResidual (3 -> 2 frames, log rain rate) and an 8x8 rain
+    blob ``values`` (mm/h) moving one pixel per step to the right in a 32x32 field."""
     pytest.importorskip("pysteps")
     pytest.importorskip("cv2")
-    from nowcast.baselines import OpticalFlowExtrapolation
     from nowcast.data.transforms import LogRainRate
     from nowcast.models import ExtrapolationResidual
 
@@ -151,11 +152,18 @@ def test_extrapolation_residual_starts_as_optical_flow():
     transform = LogRainRate()
     inner = EncoderForecaster(1, 1, [4], 3, input_steps=3, output_steps=2, frame_size=None,
                               output_activation="identity")
-    net = ExtrapolationResidual(inner, transform=transform, output_activation="relu", max_value=50.0)
-    # a rain blob moving one pixel per step to the right
+    net = ExtrapolationResidual(inner, transform=transform, **kwargs)
     rain = torch.zeros(1, 3, 1, 32, 32)
     for t in range(3):
-        rain[0, t, 0, 10:18, 8 + t:16 + t] = 20.0
+        rain[0, t, 0, 10:18, 8 + t:16 + t] = values
+    return net, inner, transform, rain
+
+
+def test_extrapolation_residual_starts_as_optical_flow():
+    from nowcast.baselines import OpticalFlowExtrapolation
+    from nowcast.models import ExtrapolationResidual
+
+    net, inner, transform, rain = _hybrid_and_moving_blob(20.0, output_activation="relu", max_value=50.0)
     out = net(transform.encode(rain))
     expected = OpticalFlowExtrapolation()(rain, 2)
     # zero-initialised head: the untrained model is exactly the extrapolation
@@ -169,19 +177,8 @@ def test_extrapolation_residual_starts_as_optical_flow():
 
 
 def test_probability_matching_restores_the_observed_distribution():
-    pytest.importorskip("pysteps")
-    pytest.importorskip("cv2")
-    from nowcast.data.transforms import LogRainRate
-    from nowcast.models import ExtrapolationResidual
-
-    torch.manual_seed(0)
-    transform = LogRainRate()
-    inner = EncoderForecaster(1, 1, [4], 3, input_steps=3, output_steps=2, frame_size=None,
-                              output_activation="identity")
-    net = ExtrapolationResidual(inner, transform=transform, probability_matching=True)
-    rain = torch.zeros(1, 3, 1, 32, 32)
-    for t in range(3):
-        rain[0, t, 0, 10:18, 8 + t:16 + t] = torch.linspace(1.0, 30.0, 64).view(8, 8)
+    blob = torch.linspace(1.0, 30.0, 64).view(8, 8)
+    net, _, transform, rain = _hybrid_and_moving_blob(blob, probability_matching=True)
     x = transform.encode(rain)
     faded = x[:, -1:].expand(1, 2, 1, 32, 32) * 0.5  # a forecast that lost half its log-intensity
     matched = transform.decode(net.match_distribution(faded, x))
