@@ -244,6 +244,12 @@ class RadarDataModule(L.LightningDataModule):
         Randomly rotate (multiples of 90 degrees) and flip training windows.
     batch_size, num_workers
         DataLoader settings; each worker opens its own file handles.
+    multiprocessing_context
+        How DataLoader workers start: ``"spawn"`` (default) or ``"forkserver"`` give each
+        worker a clean process that receives the dataset pickled, without the parent's
+        open files; ``"fork"`` is faster to start but netCDF4/HDF5 are not fork-safe: a
+        worker reading through the library state copied from a parent with open files
+        can crash (seen as a segfault in a test run).
     skip_bad_files
         Warn about and leave out unreadable files instead of raising.
     chunks
@@ -284,6 +290,7 @@ class RadarDataModule(L.LightningDataModule):
         augment: bool = False,
         batch_size: int = 8,
         num_workers: int = 0,
+        multiprocessing_context: str | None = "spawn",
         skip_bad_files: bool = False,
         chunks: dict | int | str | None = None,
         filename_time_regex: str | None = None,
@@ -316,6 +323,7 @@ class RadarDataModule(L.LightningDataModule):
         self.augment = bool(augment)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
+        self.multiprocessing_context = multiprocessing_context
         self._archive_args = dict(
             variable=variable, time_variable=time_variable,
             filename_time_format=filename_time_format, filename_time_regex=filename_time_regex,
@@ -485,6 +493,7 @@ class RadarDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
