@@ -139,7 +139,9 @@ def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[in
     """
     kh, kw = weight.shape[-2:]
     flipped_padding = (kh - 1 - padding[0], kw - 1 - padding[1])
-    if grad.shape[-2:] == x.shape[-2:]:
+    # Check eligibility before flipping: flip() copies the kernel, and in the default
+    # channels_last layers this runs every backward step only to fall back to oneDNN.
+    if grad.shape[-2:] == x.shape[-2:] and _eligible(grad, weight, flipped_padding):
         flipped = weight.transpose(0, 1).flip(2, 3)  # (C_in, C_out, kh, kw)
         if _use_nnpack(grad, flipped, None, flipped_padding):
             return torch._nnpack_spatial_convolution(grad.contiguous(), flipped.contiguous(), None,
