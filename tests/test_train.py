@@ -162,3 +162,16 @@ def test_teacher_forcing_needs_a_network_that_reads_its_forecasts(tmp_path):
     cfg = compose_config("train", TINY + ["model.teacher_forcing=0.5"], tmp_path)
     with pytest.raises(InstantiationException, match="EncoderForecaster does not"):
         instantiate(cfg.model)
+
+
+def test_last_checkpoint_follows_the_run_when_the_score_stops_improving(tmp_path):
+    # mode=min on the epoch number: the best checkpoint stays at epoch 0, as when the
+    # validation score gets worse; last.ckpt must still hold the final epoch (resume).
+    cfg = compose_config("train", _tiny(["callbacks.forecast_plots=null", "trainer.max_epochs=3",
+                                         "callbacks.model_checkpoint.monitor=epoch"]), tmp_path)
+    train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    assert torch.load(ckpts / "best.ckpt", weights_only=True)["epoch"] == 0
+    last = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
