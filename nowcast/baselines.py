@@ -9,12 +9,15 @@ metrics (:mod:`nowcast.metrics`) as the network.
 * ``"persistence"``: :func:`persistence`, the last observed frame, unchanged.
 * ``"optical_flow"``: :class:`OpticalFlowExtrapolation`, pysteps' Lucas-Kanade motion
   field + semi-Lagrangian advection of the last frame (needs the ``pysteps`` extra).
+* ``"sprog"``: :class:`SProg`, pysteps' S-PROG: the same motion, with each spatial scale
+  of the field smoothed as it loses predictability (needs the ``pysteps`` extra).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BASELINES", "OpticalFlowExtrapolation", "get_baseline", "persistence"]
+__all__ = ["BASELINES", "OpticalFlowExtrapolation", "SProg", "get_baseline", "persistence"]
+
+log = logging.getLogger(__name__)
 
 Baseline = Callable[[Tensor, int], Tensor]
 
@@ -55,6 +60,12 @@ def persistence(inputs: Tensor, num_leads: int) -> Tensor:
     _check_inputs(inputs, num_leads)
     last = inputs[:, -1:]  # (B, 1, C, H, W)
     return last.expand(-1, num_leads, -1, -1, -1).clone()  # (B, num_leads, C, H, W)
+
+
+def _decibels(frames: np.ndarray, threshold: float, no_rain: float = -15.0) -> np.ndarray:
+    """``10 log10(x)``, with values below ``threshold`` set to ``no_rain`` dB (pysteps' dBR)."""
+    rain = frames >= threshold
+    return np.where(rain, 10 * np.log10(np.where(rain, frames, 1.0)), no_rain)
 
 
 def _import_pysteps() -> tuple[Any, Any]:
@@ -146,11 +157,10 @@ class OpticalFlowExtrapolation:
     def _motion_field(self, frames: np.ndarray) -> np.ndarray:
         """``(T, H, W)`` physical units -> ``(2, H, W)`` velocity (x, y) in px per step."""
         frames = np.nan_to_num(frames, nan=0.0)
-        rain = frames >= self.rain_threshold
         if self.db_transform:
-            field = np.where(rain, 10 * np.log10(np.where(rain, frames, 1.0)), -15.0)
+            field = _decibels(frames, self.rain_threshold)
         else:
-            field = np.where(rain, frames, 0.0)
+            field = np.where(frames >= self.rain_threshold, frames, 0.0)
         return self._motion(field, **self.motion_kwargs)
 
     def __call__(self, inputs: Tensor, num_leads: int) -> Tensor:
@@ -181,12 +191,14 @@ class OpticalFlowExtrapolation:
             for ch in range(c):
                 frames = past[i, :, ch]  # (n, H, W)
                 velocity = self._motion_field(frames)  # (2, H, W)
-                last = np.nan_to_num(frames[-1], nan=0.0)  # (H, W)
-                out[i, :, ch] = self._extrapolate(
-                    last, velocity, lead_times, outval=0.0, **self.extrapolation_kwargs
-                )  # (num_leads, H, W)
+                out[i, :, ch] = self._forecast(frames, velocity, lead_times)  # (num_leads, H, W)
         out = np.nan_to_num(out, nan=0.0)
         return torch.from_numpy(out).to(device=inputs.device, dtype=inputs.dtype)
+
+    def _forecast(self, frames: np.ndarray, velocity: np.ndarray, lead_times: list[float]) -> np.ndarray:
+        """``(n, H, W)`` past frames (physical units) -> ``(num_leads, H, W)``."""
+        last = np.nan_to_num(frames[-1], nan=0.0)  # (H, W)
+        return self._extrapolate(last, velocity, lead_times, outval=0.0, **self.extrapolation_kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -195,10 +207,92 @@ class OpticalFlowExtrapolation:
         )
 
 
+class SProg(OpticalFlowExtrapolation):
+    """S-PROG (Seed 2003): extrapolation that smooths each scale as it loses skill (pysteps).
+
+    The motion field is :class:`OpticalFlowExtrapolation`'s (Lucas-Kanade on the dB
+    field by default). The last ``ar_order + 1`` frames, in dB (``10 log10`` of the rain
+    rate, ``-15`` dB below ``rain_threshold``), are split into ``n_cascade_levels``
+    spatial scales; each scale is advected and evolves by its own AR(``ar_order``) model
+    fitted to the inputs, so small, short-lived features fade with lead time while large
+    ones persist, and the result gets the last observation's intensity distribution
+    back (probability matching). A field too dry for the AR models (a cascade level
+    without variance) falls back to plain advection. Compared with plain advection it has lower error at
+    long leads without the fading of rain areas that a smoothed field has (BoM day,
+    README). Forecast values below ``rain_threshold`` become 0.
+
+    Parameters
+    ----------
+    n_cascade_levels, ar_order
+        Of ``pysteps.nowcasts.sprog.forecast`` (6 and 2 as in pysteps); the inputs need
+        ``T_in >= ar_order + 1`` frames.
+    sprog_kwargs
+        Other keyword arguments for ``pysteps.nowcasts.sprog.forecast``
+        (``probmatching_method``, ``extrap_kwargs``, ...).
+    **optical_flow
+        :class:`OpticalFlowExtrapolation` parameters (motion method, ``rain_threshold``,
+        ``num_input_frames`` for the motion, ``timestep_ratio``).
+    """
+
+    def __init__(
+        self,
+        n_cascade_levels: int = 6,
+        ar_order: int = 2,
+        sprog_kwargs: dict[str, Any] | None = None,
+        **optical_flow: Any,
+    ) -> None:
+        super().__init__(**optical_flow)
+        if ar_order < 1:
+            raise ValueError(f"ar_order must be >= 1, got {ar_order}")
+        from pysteps.nowcasts import sprog  # after the quiet import above
+
+        self.n_cascade_levels = int(n_cascade_levels)
+        self.ar_order = int(ar_order)
+        self.sprog_kwargs = dict(sprog_kwargs or {})
+        self._sprog = sprog.forecast
+
+    def __call__(self, inputs: Tensor, num_leads: int) -> Tensor:
+        if inputs.ndim == 5 and inputs.shape[1] < self.ar_order + 1:
+            raise ValueError(
+                f"S-PROG with ar_order={self.ar_order} needs >= {self.ar_order + 1} input "
+                f"frames, got {inputs.shape[1]}"
+            )
+        return super().__call__(inputs, num_leads)
+
+    def _forecast(self, frames: np.ndarray, velocity: np.ndarray, lead_times: list[float]) -> np.ndarray:
+        threshold_db = 10 * np.log10(self.rain_threshold)
+        past = _decibels(np.nan_to_num(frames[-(self.ar_order + 1):], nan=0.0), self.rain_threshold)
+        if not (past[-1] >= threshold_db).any():
+            return np.zeros((len(lead_times), *frames.shape[1:]))  # nothing to forecast
+        try:
+            # pysteps prints a banner and per-step progress on stdout
+            with contextlib.redirect_stdout(io.StringIO()), np.errstate(all="ignore"):
+                forecast_db = self._sprog(
+                    past, velocity, lead_times, precip_thr=threshold_db,
+                    n_cascade_levels=self.n_cascade_levels, ar_order=self.ar_order, **self.sprog_kwargs,
+                )  # (num_leads, H, W) dB, NaN where advected from outside
+        except (ValueError, IndexError) as error:
+            # pysteps cannot fit a field with (almost) no rain in some input frame: a
+            # cascade level without variance leaves its AR model undefined ("x contains
+            # non-finite values", "Singular matrix"), an almost empty last frame breaks
+            # its rain-area mask (IndexError). Advect such a field instead.
+            log.debug("S-PROG failed (%s: %s); plain advection for this field", type(error).__name__, error)
+            return super()._forecast(frames, velocity, lead_times)
+        rain = np.nan_to_num(forecast_db, nan=-np.inf) >= threshold_db
+        return np.where(rain, 10 ** (np.where(rain, forecast_db, 0.0) / 10), 0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(method={self.method!r}, n_cascade_levels="
+            f"{self.n_cascade_levels}, ar_order={self.ar_order})"
+        )
+
+
 #: Baseline name -> factory; ``BASELINES[name](**kwargs)`` gives the callable.
 BASELINES: dict[str, Callable[..., Baseline]] = {
     "persistence": lambda: persistence,
     "optical_flow": OpticalFlowExtrapolation,
+    "sprog": SProg,
 }
 
 
@@ -208,10 +302,10 @@ def get_baseline(name: str, **kwargs: Any) -> Baseline:
     Parameters
     ----------
     name
-        ``"persistence"`` or ``"optical_flow"``.
+        ``"persistence"``, ``"optical_flow"`` or ``"sprog"``.
     **kwargs
-        Passed to the baseline's constructor (:class:`OpticalFlowExtrapolation`);
-        persistence takes none.
+        Passed to the baseline's constructor (:class:`OpticalFlowExtrapolation`,
+        :class:`SProg`); persistence takes none.
 
     Returns
     -------

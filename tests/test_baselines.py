@@ -41,7 +41,7 @@ def test_persistence_repeats_last_frame():
 
 
 def test_registry():
-    assert set(BASELINES) == {"persistence", "optical_flow"}
+    assert set(BASELINES) == {"persistence", "optical_flow", "sprog"}
     assert get_baseline("persistence") is persistence
     with pytest.raises(ValueError, match="unknown baseline 'climatology'"):
         get_baseline("climatology")
@@ -89,3 +89,63 @@ def test_optical_flow_without_pysteps(monkeypatch):
         get_baseline("optical_flow")
     # persistence does not need it
     assert get_baseline("persistence")(torch.zeros(1, 2, 1, 4, 4), 2).shape == (1, 2, 1, 4, 4)
+
+
+def test_sprog_moves_the_blob_and_smooths_what_it_cannot_predict():
+    pytest.importorskip("pysteps")
+    from nowcast.baselines import SProg
+
+    frames = _translating(2, 1, 7)[None, :, None]  # (1, 7, 1, H, W)
+    inputs, targets = frames[:, :4], frames[:, 4:]
+    preds = get_baseline("sprog")(inputs, num_leads=3)
+    assert preds.shape == targets.shape and torch.isfinite(preds).all() and (preds >= 0).all()
+    assert ((preds - targets) ** 2).mean() < 0.01 * ((persistence(inputs, 3) - targets) ** 2).mean()
+    for lead in range(3):
+        assert _argmax_xy(preds[0, lead, 0]) == _argmax_xy(targets[0, lead, 0])
+
+    # a large cell plus small cells that appear at random each frame: advection keeps
+    # the last frame's small cells, S-PROG's AR models find them unpredictable and
+    # smooth them away (mean absolute difference between neighbouring rows)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.stack([_blob(24, 24, peak=10, width=10) + 8 * (torch.rand(SIZE, SIZE, generator=g) > 0.9)
+                         for _ in range(4)])[None, :, None]
+
+    def roughness(field):
+        return (field[1:] - field[:-1]).abs().mean().item()
+
+    advected = get_baseline("optical_flow")(noisy, num_leads=6)[0, -1, 0]
+    smoothed = SProg()(noisy, num_leads=6)[0, -1, 0]
+    assert roughness(smoothed) < 0.5 * roughness(advected)
+    assert smoothed.max() > 5  # the large cell is still there
+
+
+def test_sprog_needs_ar_order_plus_one_frames_and_forecasts_dry_as_dry():
+    pytest.importorskip("pysteps")
+    from nowcast.baselines import SProg
+
+    with pytest.raises(ValueError, match=r"ar_order=2 needs >= 3 input frames, got 2"):
+        SProg()(_translating(2, 0, 2)[None, :, None], num_leads=1)
+    with pytest.raises(ValueError, match="ar_order must be >= 1"):
+        SProg(ar_order=0)
+    dry = SProg()(torch.zeros(1, 3, 1, 32, 32), num_leads=2)
+    assert dry.shape == (1, 2, 1, 32, 32) and (dry == 0).all()
+
+
+
+@pytest.mark.parametrize("case", ["appears in the last frame", "one pixel", "vanishes"])
+def test_sprog_falls_back_to_advection_where_pysteps_cannot_fit(case, caplog):
+    pytest.importorskip("pysteps")
+    from nowcast.baselines import SProg
+
+    rain = torch.zeros(1, 4, 1, 64, 64)
+    if case == "appears in the last frame":  # AR models see no variance: NaN
+        rain[0, -1, 0, 30:34, 30:34] = 2.0
+    elif case == "one pixel":  # singular matrix
+        rain[0, :, 0, 30, 30] = 2.0
+    else:  # almost nothing left in the last frame: pysteps' rain mask fails (IndexError)
+        rain[0, :3, 0, 30:34, 30:34] = 2.0
+        rain[0, 3, 0, 10, 10] = 0.5
+    with caplog.at_level("DEBUG", logger="nowcast.baselines"):
+        preds = SProg()(rain, 3)
+    assert "plain advection for this field" in caplog.text
+    torch.testing.assert_close(preds, OpticalFlowExtrapolation()(rain, 3))

@@ -176,6 +176,18 @@ def test_extrapolation_residual_starts_as_optical_flow():
         ExtrapolationResidual(EncoderForecaster(1, 2, [4], frame_size=None))
 
 
+
+def test_extrapolation_residual_can_correct_sprog():
+    from nowcast.baselines import SProg
+    from nowcast.models import ExtrapolationResidual
+
+    net, _, transform, rain = _hybrid_and_moving_blob(20.0, baseline="sprog")
+    assert isinstance(net.extrapolation, SProg)
+    torch.testing.assert_close(transform.decode(net(transform.encode(rain))), SProg()(rain, 2),
+                               atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="baseline must be 'optical_flow' or 'sprog', got 'steps'"):
+        ExtrapolationResidual(EncoderForecaster(1, 1, [4], frame_size=None), baseline="steps")
+
 def test_probability_matching_restores_the_observed_distribution():
     blob = torch.linspace(1.0, 30.0, 64).view(8, 8)
     net, _, transform, rain = _hybrid_and_moving_blob(blob, probability_matching=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from nowcast.baselines import OpticalFlowExtrapolation, _import_pysteps
+from nowcast.baselines import OpticalFlowExtrapolation, _import_pysteps, get_baseline
 from nowcast.data.transforms import Identity, Transform
 from nowcast.models.encoder_forecaster import make_output_activation
 
@@ -49,9 +49,13 @@ class ExtrapolationResidual(nn.Module):
         ``nonparam_match_empirical_cdf``, as in its S-PROG and STEPS nowcasts): this
         undoes the fading of intensities that MSE/MAE training causes at long leads.
         Not applied in training (it has no gradient).
+    baseline
+        The nowcast corrected: ``"optical_flow"`` (:class:`~nowcast.baselines.OpticalFlowExtrapolation`)
+        or ``"sprog"`` (:class:`~nowcast.baselines.SProg`, which smooths the scales that
+        lose predictability).
     **optical_flow
-        Passed to :class:`~nowcast.baselines.OpticalFlowExtrapolation` (``method``,
-        ``num_input_frames``, ``rain_threshold``, ...). Needs the ``pysteps`` extra.
+        Passed to the baseline's constructor (``method``, ``num_input_frames``,
+        ``rain_threshold``, S-PROG's ``n_cascade_levels``, ...). Needs the ``pysteps`` extra.
 
     The extrapolation is computed without gradients, per sample on the CPU in numpy;
     the model therefore neither compiles nor exports as one graph (the inner ``net``
@@ -65,6 +69,7 @@ class ExtrapolationResidual(nn.Module):
         output_activation: str = "relu",
         max_value: float | None = None,
         probability_matching: bool = False,
+        baseline: str = "optical_flow",
         **optical_flow: Any,
     ) -> None:
         super().__init__()
@@ -78,7 +83,9 @@ class ExtrapolationResidual(nn.Module):
             )
         self.net = net
         self.transform = transform or Identity()
-        self.extrapolation = OpticalFlowExtrapolation(**optical_flow)
+        if baseline not in ("optical_flow", "sprog"):
+            raise ValueError(f"baseline must be 'optical_flow' or 'sprog', got {baseline!r}")
+        self.extrapolation: OpticalFlowExtrapolation = get_baseline(baseline, **optical_flow)  # type: ignore[assignment]
         self.activation = make_output_activation(output_activation)
         self.probability_matching = probability_matching
         self.max_value = (
