@@ -114,3 +114,43 @@ def test_balanced_loss_with_a_csi_term_equals_the_sum():
     combined = BalancedMSEMAE(transform=transform, csi_weight=0.1, csi_thresholds=[1.0])
     separate = LossSum([BalancedMSEMAE(transform=transform), SoftCSI([1.0], transform=transform)], [1.0, 0.1])
     assert combined(pred, target, mask).item() == pytest.approx(separate(pred, target, mask).item())
+
+
+def test_quantile_loss_by_hand():
+    from nowcast.losses import QuantileLoss
+
+    # errors target - pred: +2 (under-forecast), -1 (over-forecast), masked +100
+    pred, target = _t([1.0, 3.0, 0.0]), _t([3.0, 2.0, 100.0])
+    mask = torch.tensor([True, True, False]).reshape(1, 3, 1, 1, 1)
+    assert QuantileLoss(0.8)(pred, target, mask).item() == pytest.approx((0.8 * 2 + 0.2 * 1) / 2)
+    # the median's loss is half the MAE
+    assert QuantileLoss(0.5)(pred, target, mask).item() == pytest.approx(MaskedMAE()(pred, target, mask).item() / 2)
+    with pytest.raises(ValueError, match=r"quantile must be in \(0, 1\)"):
+        QuantileLoss(1.0)
+
+
+def test_quantile_loss_is_minimised_by_the_quantile():
+    from nowcast.losses import QuantileLoss
+
+    # one forecast value for 10 samples 0..9: the minimiser is the q-quantile
+    target = torch.arange(10.0).view(1, 10, 1, 1, 1)
+    pred = torch.zeros(1, 1, 1, 1, 1, requires_grad=True)
+    optimizer = torch.optim.SGD([pred], lr=0.05)
+    for _ in range(2000):
+        optimizer.zero_grad()
+        QuantileLoss(0.75)(pred.expand_as(target), target).backward()
+        optimizer.step()
+    # at 7 the slope changes sign: above it 8 of 10 samples pull down with 0.25 and 2
+    # pull up with 0.75 (net down); below it 7 pull down, 3 pull up (net up)
+    assert pred.item() == pytest.approx(7.0, abs=0.05)
+
+
+def test_quantile_loss_in_physical_units():
+    from nowcast.data.transforms import LogRainRate
+    from nowcast.losses import QuantileLoss
+
+    transform = LogRainRate()
+    pred = transform.encode(torch.tensor([1.0, 10.0]).view(1, 2, 1, 1, 1))
+    target = transform.encode(torch.tensor([3.0, 4.0]).view(1, 2, 1, 1, 1))
+    # errors +2 (under) and -6 (over) mm/h at quantile 0.75: (0.75 * 2 + 0.25 * 6) / 2
+    assert QuantileLoss(0.75, transform)(pred, target).item() == pytest.approx(1.5, rel=1e-4)
