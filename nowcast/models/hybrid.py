@@ -9,7 +9,9 @@ the error at long leads, rain near the edges). :class:`ExtrapolationResidual` fo
     output_activation(encode(extrapolation(decode(x))) + net(x))
 
 with the network's last layer initialised to zero, so the untrained model is exactly
-the extrapolation and training can only move it where the data says so.
+the extrapolation and training can only move it where the data says so. The
+extrapolation is plain advection or pysteps' S-PROG (``baseline="sprog"``), which also
+smooths the scales that lose predictability.
 """
 
 from __future__ import annotations
