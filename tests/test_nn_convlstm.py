@@ -456,6 +456,29 @@ def test_checkpoint_steps_same_outputs_and_grads(chunk, peephole) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("steps", [3, 4, 7])  # fewer, as many as, more than one inference chunk
+@pytest.mark.parametrize("peephole", [False, True], ids=["fused", "peephole"])
+def test_inference_equals_autograd_forward(steps, peephole) -> None:
+    # Without autograd the input gates are computed a few steps at a time
+    # (_INFERENCE_CHUNK = 4); every output and state must be the same as with autograd.
+    torch.manual_seed(0)
+    model = _randomize(ConvLSTM2D(2, [3, 4], [3, 5], stride=[2, 1], peephole=peephole,
+                                  data_format="channels_last", return_state=True,
+                                  return_all_layers=True).double())
+    x = torch.randn(B, steps, H, W, 2, dtype=torch.float64)
+    with torch.no_grad():  # a non-zero initial state, from an earlier sequence
+        init = model(torch.randn(B, 2, H, W, 2, dtype=torch.float64))[1]
+    want, want_states = model(x, init)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got, got_states = model(x, init)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        for (h, c), (wh, wc) in zip(got_states, want_states):
+            torch.testing.assert_close(h, wh, rtol=0, atol=1e-12)
+            torch.testing.assert_close(c, wc, rtol=0, atol=1e-12)
+
 # -- init and errors ---------------------------------------------------------------------------
 def test_keras_initialization() -> None:
     cell = ConvLSTMCell(3, 8, 3, forget_bias=1.0)
