@@ -754,8 +754,13 @@ class ConvLSTM2D(nn.Module):
             # All input-to-state convolutions of the layer at once, outside the loop (with
             # checkpointing, per chunk: the gates are then recomputed, not stored; in
             # inference, per chunk of _INFERENCE_CHUNK steps, see _run_inference).
-            first = b if checkpointing else b * _INFERENCE_CHUNK if inference else None
-            x_gates = cell.input_conv(frames[:first])  # (T*B or fewer, 4Ch, H', W')
+            if checkpointing:
+                frames_now = frames[:b]  # only to shape the zero state
+            elif inference:
+                frames_now = frames[: b * _INFERENCE_CHUNK]  # the first chunk
+            else:
+                frames_now = frames
+            x_gates = cell.input_conv(frames_now)  # (T*B or fewer, 4Ch, H', W')
             x_gates = x_gates.unflatten(0, (-1, b))  # (T, B, 4Ch, H', W'), a view
             if initial_state is None:
                 state = cell.init_state(x_gates[0])
@@ -907,12 +912,11 @@ def _run_inference(cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: Sta
         return hs_first, state
     hs = _frames_like(hs_first[0], steps, cell.hidden_channels)  # (T, B, Ch, H', W')
     hs[:k].copy_(hs_first)
+    c = state[1]
     for start in range(k, steps, k):
-        part = frames[start : start + k]  # (k, B, C, H, W)
-        x_gates = cell.input_conv(part.flatten(0, 1)).unflatten(0, part.shape[:2])
-        out, state = cell.run(x_gates, state)
+        out, c = _run_chunk(cell, frames[start : start + k], hs[start - 1], c)
         hs[start : start + out.shape[0]].copy_(out)
-    return hs, (hs[-1], state[1])
+    return hs, (hs[-1], c)
 
 
 def _run_chunk(cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
