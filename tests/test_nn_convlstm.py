@@ -223,6 +223,20 @@ def test_initial_state_and_memory_format(memory_format) -> None:
     torch.testing.assert_close(states[-1][1], want_states[-1][1], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_one_channel_input_runs_every_layer_in_the_memory_format(memory_format, grad) -> None:
+    # A (N, 1, H, W) tensor is contiguous in both layouts; the first layer must still run
+    # in channels_last when asked (it used to follow the input's NCHW strides).
+    model = ConvLSTM2D(1, [4, 3], 3, memory_format=memory_format, return_all_layers=True, return_state=True)
+    x = torch.randn(B, T, 1, H, W)
+    with torch.set_grad_enabled(grad):
+        outs, states = model(x)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    for layer, (y, (h, c)) in enumerate(zip(outs, states)):
+        for t in (h, c, y[:, 0], y[:, -1]):
+            assert t.is_contiguous(memory_format=fmt), (layer, t.stride())
+
 def test_cell_matches_reference() -> None:
     cell = _randomize(ConvLSTMCell(2, 3, 3, stride=2, peephole=False).double())
     layer = ConvLSTM2D(2, 3, 3, stride=2).double()

@@ -76,7 +76,7 @@ def _eligible(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
         and x.dim() == 4
         # NNPACK reads NCHW only: in channels_last layers the copies in and out (and the
         # mixed layouts after) cost more than it saves (measured: docs/benchmarks.md)
-        and x.is_contiguous()
+        and _nchw(x)
         and padding[0] >= 0
         and padding[1] >= 0
         and get_cpu_conv_backend() != "native"
@@ -85,6 +85,14 @@ def _eligible(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
         and not torch.jit.is_tracing()
         and _nnpack_available()
     )
+
+
+def _nchw(x: Tensor) -> bool:
+    """NCHW-contiguous, and not a one-channel tensor given channels_last strides (which is
+    contiguous in both layouts, but from which oneDNN writes channels_last outputs, as a
+    channels_last layer wants, while NNPACK would write NCHW)."""
+    one_channel_cl = x.shape[1] == 1 and x.stride(1) == 1 and x.shape[-2] * x.shape[-1] > 1
+    return x.is_contiguous() and not one_channel_cl
 
 
 def _best_seconds(fn, repeats: int = 2) -> float:

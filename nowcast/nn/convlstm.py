@@ -750,7 +750,10 @@ class ConvLSTM2D(nn.Module):
         checkpointing = self.checkpoint_steps > 0 and torch.is_grad_enabled() and self.training
         inference = not torch.is_grad_enabled() and not _is_tracing()
         for layer, cell in enumerate(self.cells):
-            frames = frames.contiguous(memory_format=self._memory_format)
+            # .to, not .contiguous: a one-channel input is contiguous in both layouts, and
+            # .contiguous keeps its NCHW strides, from which the convolution's output and
+            # so the whole layer would follow NCHW (measured ~1.3x slower per step at S).
+            frames = frames.to(memory_format=self._memory_format)
             # All input-to-state convolutions of the layer at once, outside the loop (with
             # checkpointing, per chunk: the gates are then recomputed, not stored; in
             # inference, per chunk of _INFERENCE_CHUNK steps, see _run_inference).
@@ -829,7 +832,7 @@ class ConvLSTM2D(nn.Module):
                 f"states must have one (h, c) per layer ({self.num_layers}), got {len(states)}"
             )
         new_states: list[State] = []
-        inp = x_t.contiguous(memory_format=self._memory_format)
+        inp = x_t.to(memory_format=self._memory_format)  # .to: see forward
         for layer, cell in enumerate(self.cells):
             h, c = cell(inp, None if states is None else states[layer])
             new_states.append((h, c))
