@@ -296,8 +296,10 @@ def test_gradcheck_layer(kwargs) -> None:
 
 @pytest.mark.parametrize("outputs", ["both", "hs", "c"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_gradcheck_fused_function(outputs, memory_format) -> None:
-    """The hand-written backward of the fused layer, incl. unused outputs (None grads)."""
+@pytest.mark.parametrize("zero_h0", [False, True])
+def test_gradcheck_fused_function(outputs, memory_format, zero_h0) -> None:
+    """The hand-written backward of the fused layer, incl. unused outputs (None grads),
+    and with ``zero_h0`` (first recurrent convolution and its weight gradient skipped)."""
     torch.manual_seed(0)
     ch = 2
     fmt = lambda t: t.contiguous(memory_format=memory_format).requires_grad_()  # noqa: E731
@@ -305,10 +307,12 @@ def test_gradcheck_fused_function(outputs, memory_format) -> None:
     x_gates = fmt(x_gates.flatten(0, 1)).unflatten(0, (3, 2))  # frames in memory_format
     w = fmt(torch.randn(4 * ch, ch, 3, 3, dtype=torch.float64) * 0.5)
     h0 = fmt(torch.randn(2, ch, 4, 5, dtype=torch.float64))
+    if zero_h0:  # a constant zero state: finite differences must not move it
+        h0 = torch.zeros_like(h0, requires_grad=False)
     c0 = fmt(torch.randn(2, ch, 4, 5, dtype=torch.float64))
 
     def fn(*args):
-        hs, c = _FusedConvLSTMLayer.apply(*args, (1, 1))
+        hs, c = _FusedConvLSTMLayer.apply(*args, (1, 1), zero_h0)
         return {"both": (hs, c), "hs": hs, "c": c}[outputs]
 
     assert torch.autograd.gradcheck(fn, (x_gates, w, h0, c0))

@@ -135,14 +135,17 @@ def _tanh_(x: Tensor) -> Tensor:
 
 
 def _lstm_forward(
-    x_gates: Tensor, weight_h: Tensor, padding: tuple[int, int], h0: Tensor, c0: Tensor, save: bool
+    x_gates: Tensor, weight_h: Tensor, padding: tuple[int, int], h0: Tensor, c0: Tensor, save: bool,
+    zero_h0: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """The recurrence of one tanh/sigmoid layer without peepholes, without autograd.
 
     ``x_gates`` ``(T, B, 4*Ch, H, W)`` are the input-to-state pre-activations (bias
     included). Returns ``hs`` ``(T, B, Ch, H, W)``, ``c_T``, and for the backward the
     gates ``sigmoid(a_i), sigmoid(a_f), sigmoid(2 a_g), sigmoid(a_o)`` of every step and
-    every ``c_t`` and ``tanh(c_t)`` (the last three empty unless ``save``).
+    every ``c_t`` and ``tanh(c_t)`` (the last three empty unless ``save``). ``zero_h0``
+    says ``h0`` is zero (the default initial state): the first recurrent convolution,
+    which would return zeros, is skipped.
 
     Why so: all four gates go through one sigmoid over the whole contiguous gate
     tensor (``tanh(a) = 2 sigmoid(2a) - 1``, the factor 2 folded into the recurrent
@@ -160,8 +163,11 @@ def _lstm_forward(
     saved_gates: list[Tensor] = []
     h, c = h0, c0
     for t in range(steps):
-        gates = conv2d(h, weight_2g, None, padding)  # (B, 4*Ch, H, W)
-        gates.addcmul_(x_gates[t], scale).sigmoid_()  # a_i, a_f, 2 a_g, a_o -> sigmoids
+        if t == 0 and zero_h0:
+            gates = torch.mul(x_gates[0], scale)  # (B, 4*Ch, H, W)
+        else:
+            gates = conv2d(h, weight_2g, None, padding).addcmul_(x_gates[t], scale)
+        gates.sigmoid_()  # a_i, a_f, 2 a_g, a_o -> sigmoids
         i, f, s_g, o = gates.split(n, dim=1)  # each (B, Ch, H, W)
         c_next = cs[t] if save else torch.empty_like(c)
         torch.mul(f, c, out=c_next)
@@ -178,7 +184,8 @@ def _lstm_forward(
 class _FusedConvLSTMLayer(torch.autograd.Function):
     """The whole recurrence of one layer (tanh/sigmoid, no peepholes) as one autograd node.
 
-    Forward: ``(x_gates (T, B, 4Ch, H, W), weight_h, h0, c0) -> (hs (T, B, Ch, H, W), c_T)``.
+    Forward: ``(x_gates (T, B, 4Ch, H, W), weight_h, h0, c0) -> (hs (T, B, Ch, H, W), c_T)``;
+    ``zero_h0`` as in :func:`_lstm_forward`.
 
     Why: step-by-step autograd records ~15 nodes per step, each allocating full-size
     gradients, and computes the recurrent weight gradient as T small convolutions. Here
@@ -190,15 +197,17 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_gates: Tensor, weight_h: Tensor, h0: Tensor, c0: Tensor, padding: tuple[int, int]):  # type: ignore[override]
+    def forward(ctx, x_gates: Tensor, weight_h: Tensor, h0: Tensor, c0: Tensor, padding: tuple[int, int],  # type: ignore[override]
+                zero_h0: bool = False):
         ctx.set_materialize_grads(False)  # unused outputs get None, not zero tensors
         # Compute in the dtype of the gates: under autocast the input convolution ran in
         # bf16/fp16, and the recurrence follows (as autocast does for the step-wise path).
         dtype = x_gates.dtype
         ctx.padding = padding
+        ctx.zero_h0 = zero_h0
         ctx.dtypes = (weight_h.dtype, h0.dtype, c0.dtype)  # of the gradients to return
         w, h0, c0 = weight_h.to(dtype), h0.to(dtype), c0.to(dtype)
-        hs, c_last, gates, cs, tanh_cs = _lstm_forward(x_gates, w, padding, h0, c0, save=True)
+        hs, c_last, gates, cs, tanh_cs = _lstm_forward(x_gates, w, padding, h0, c0, True, zero_h0)
         ctx.save_for_backward(w, h0, c0, hs, cs, tanh_cs, *gates)
         # c_T is a view of the saved buffer; hand out a copy so in-place changes by the
         # caller cannot corrupt what the backward reads.
@@ -244,10 +253,13 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             # All steps' weight gradients in one convolution-backward over T*B frames
-            # (a larger GEMM than T small ones), plus step 0 whose input is h0.
-            grad_w = torch.ops.aten.convolution_backward(
-                grad_x[0], h0, w, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [False, True, False]
-            )[1]
+            # (a larger GEMM than T small ones), plus step 0 whose input is h0 (none
+            # when h0 is zero).
+            grad_w = torch.zeros_like(w)
+            if not ctx.zero_h0:
+                grad_w += torch.ops.aten.convolution_backward(
+                    grad_x[0], h0, w, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [False, True, False]
+                )[1]
             if steps > 1:
                 grad_w += torch.ops.aten.convolution_backward(
                     grad_x[1:].flatten(0, 1), hs[:-1].flatten(0, 1), w, None, [1, 1], pad,
@@ -256,7 +268,7 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
             grad_w = grad_w.to(ctx.dtypes[0])
         grad_h0 = dh_rec.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
         grad_c0 = dc.to(ctx.dtypes[2]) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_h0, grad_c0, None
+        return grad_x, grad_w, grad_h0, grad_c0, None, None
 
 
 class ConvLSTMCell(nn.Module):
@@ -412,7 +424,7 @@ class ConvLSTMCell(nn.Module):
         h_gates = F.conv2d(h, self.weight_h, None, 1, self._h_padding)  # (B, 4*Ch, H', W')
         return self._pointwise(x_gates + h_gates, c)
 
-    def run(self, x_gates: Tensor, state: State) -> tuple[Tensor, State]:
+    def run(self, x_gates: Tensor, state: State, zero_state: bool = False) -> tuple[Tensor, State]:
         """Run the recurrence over precomputed input gates.
 
         Parameters
@@ -422,6 +434,9 @@ class ConvLSTMCell(nn.Module):
             frame, bias included.
         state
             ``(h, c)``, each ``(B, Ch, H', W')``.
+        zero_state
+            ``h`` is known to be zero (the default initial state): the first recurrent
+            convolution, whose result would be zero, is skipped.
 
         Returns
         -------
@@ -429,12 +444,12 @@ class ConvLSTMCell(nn.Module):
         """
         if self._fusable and not _is_tracing():
             if torch.is_grad_enabled():
-                hs, c = _FusedConvLSTMLayer.apply(x_gates, self.weight_h, *state, self._h_padding)
+                hs, c = _FusedConvLSTMLayer.apply(x_gates, self.weight_h, *state, self._h_padding, zero_state)
             else:  # inference: same in-place loop, nothing saved
                 dtype = x_gates.dtype
                 hs, c, *_ = _lstm_forward(
                     x_gates, self.weight_h.to(dtype), self._h_padding,
-                    state[0].to(dtype), state[1].to(dtype), save=False,
+                    state[0].to(dtype), state[1].to(dtype), save=False, zero_h0=zero_state,
                 )
             return hs, (hs[-1], c)
         hs_list = []
@@ -468,11 +483,12 @@ class ConvLSTMCell(nn.Module):
         """
         _check_frames(x, 4, 1, self.in_channels, "(B, C, H, W)")
         x_gates = self.input_conv(x)  # (B, 4*Ch, H', W')
+        zero_state = state is None
         if state is None:
             state = self.init_state(x_gates)
         else:
             _check_state(state, x_gates, self.hidden_channels, 0)
-        hs, state = self.run(x_gates.unsqueeze(0), state)  # hs: (1, B, Ch, H', W')
+        hs, state = self.run(x_gates.unsqueeze(0), state, zero_state)  # hs: (1, B, Ch, H', W')
         return state
 
 
@@ -771,12 +787,13 @@ class ConvLSTM2D(nn.Module):
                 state = tuple(initial_state[layer])  # type: ignore[assignment]
                 _check_state(state, x_gates[0], cell.hidden_channels, layer)
                 state = tuple(s.contiguous(memory_format=self._memory_format) for s in state)
+            zero = initial_state is None
             if checkpointing:
-                hs, state = self._run_checkpointed(cell, frames.unflatten(0, (t, b)), state)
+                hs, state = self._run_checkpointed(cell, frames.unflatten(0, (t, b)), state, zero)
             elif inference:
-                hs, state = _run_inference(cell, frames.unflatten(0, (t, b)), x_gates, state)
+                hs, state = _run_inference(cell, frames.unflatten(0, (t, b)), x_gates, state, zero)
             else:
-                hs, state = cell.run(x_gates, state)  # hs: (T, B, Ch, H', W')
+                hs, state = cell.run(x_gates, state, zero)  # hs: (T, B, Ch, H', W')
             states.append(state)
             outputs.append(hs)
             if self.dropout and self.training and layer < self.num_layers - 1:
@@ -794,16 +811,18 @@ class ConvLSTM2D(nn.Module):
             return result, states
         return result
 
-    def _run_checkpointed(self, cell: ConvLSTMCell, frames: Tensor, state: State) -> tuple[Tensor, State]:
+    def _run_checkpointed(
+        self, cell: ConvLSTMCell, frames: Tensor, state: State, zero_state: bool
+    ) -> tuple[Tensor, State]:
         """``frames`` ``(T, B, C, H, W)`` -> ``hs`` ``(T, B, Ch, H', W')``, final ``(h, c)``,
         recomputing each chunk of ``checkpoint_steps`` steps in the backward pass."""
         hs_parts = []
         for part in frames.split(self.checkpoint_steps):  # split: one backward node, no zero-fills
             # Non-reentrant checkpoint: only the chunk's input frames and state are kept;
             # its input gates, gate activations and cell states are recomputed.
-            hs, c = checkpoint(_run_chunk, cell, part, *state, use_reentrant=False)
+            hs, c = checkpoint(_run_chunk, cell, part, *state, zero_state, use_reentrant=False)
             hs_parts.append(hs)
-            state = (hs[-1], c)
+            state, zero_state = (hs[-1], c), False
         return torch.cat(hs_parts), state
 
     @torch.no_grad()
@@ -896,7 +915,9 @@ class ConvLSTM2D(nn.Module):
 _INFERENCE_CHUNK = 4
 
 
-def _run_inference(cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: State) -> tuple[Tensor, State]:
+def _run_inference(
+    cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: State, zero_state: bool
+) -> tuple[Tensor, State]:
     """The recurrence without autograd, its input gates computed a few steps at a time.
 
     ``frames`` ``(T, B, C, H, W)``, ``first`` the input gates of the first chunk
@@ -910,7 +931,7 @@ def _run_inference(cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: Sta
     batched convolution's efficiency and reuse the same memory.
     """
     steps, k = frames.shape[0], first.shape[0]
-    hs_first, state = cell.run(first, state)
+    hs_first, state = cell.run(first, state, zero_state)
     if k >= steps:
         return hs_first, state
     hs = _frames_like(hs_first[0], steps, cell.hidden_channels)  # (T, B, Ch, H', W')
@@ -922,10 +943,12 @@ def _run_inference(cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: Sta
     return hs, (hs[-1], c)
 
 
-def _run_chunk(cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _run_chunk(
+    cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor, zero_state: bool = False
+) -> tuple[Tensor, Tensor]:
     """One checkpointed chunk: ``frames`` ``(k, B, C, H, W)`` -> ``(hs, c_k)``."""
     x_gates = cell.input_conv(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (k, B, 4Ch, H', W')
-    hs, (_, c) = cell.run(x_gates, (h, c))
+    hs, (_, c) = cell.run(x_gates, (h, c), zero_state)
     return hs, c
 
 
