@@ -74,3 +74,52 @@ def test_convlstm_layer_same_on_either_kernel(policy, monkeypatch):
 def test_unknown_policy_is_an_error():
     with pytest.raises(ValueError, match="must be one of"):
         conv_backend.set_cpu_conv_backend("fast")
+
+
+def test_fastest_memory_format_is_channels_last_where_nnpack_cannot_run(policy):
+    policy("auto")  # forget earlier tests' choices
+    shape, w, pad = (2, 4, 8, 8), torch.randn(16, 4, 3, 3), (1, 1)
+    assert conv_backend.fastest_memory_format(shape, w.double(), pad) == torch.channels_last
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_backend.fastest_memory_format(shape, w, pad) == torch.channels_last
+    policy("native")
+    assert conv_backend.fastest_memory_format(shape, w, pad) == torch.channels_last
+    policy("auto")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert conv_backend.fastest_memory_format(shape, w, pad) == torch.channels_last
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not conv_backend._layouts  # none of these was timed
+
+
+@nnpack
+def test_fastest_memory_format_times_each_shape_once(policy, monkeypatch):
+    policy("auto")  # forget earlier tests' choices
+    shape, w, pad = (2, 4, 8, 8), torch.randn(16, 4, 5, 5), (2, 2)
+    first = conv_backend.fastest_memory_format(shape, w, pad)
+    assert first in (torch.channels_last, torch.contiguous_format)
+    monkeypatch.setattr(conv_backend, "conv2d", lambda *a: pytest.fail("timed again"))
+    assert conv_backend.fastest_memory_format(shape, w, pad) == first
+    assert len(conv_backend._layouts) == 1
+
+
+@nnpack
+@pytest.mark.parametrize("first", [torch.channels_last, torch.contiguous_format])
+def test_auto_layer_runs_each_layer_in_its_chosen_format(policy, first):
+    torch.manual_seed(0)
+    auto = ConvLSTM2D(1, [8, 6], [5, 3], return_all_layers=True, return_state=True)
+    fixed = ConvLSTM2D(1, [8, 6], [5, 3], return_all_layers=True, memory_format="channels_last")
+    fixed.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 3, 1, 10, 12)
+    # Decide the layouts instead of timing them: layer 0 `first`, layer 1 the other one.
+    second = torch.contiguous_format if first == torch.channels_last else torch.channels_last
+    for cell, fmt in zip(auto.cells, (first, second)):
+        key = ((2, cell.hidden_channels, 10, 12), tuple(cell.weight_h.shape), cell._h_padding,
+               torch.get_num_threads())
+        conv_backend._layouts[key] = fmt
+    outs, states = auto(x)
+    for (h, c), fmt in zip(states, (first, second)):
+        assert h.is_contiguous(memory_format=fmt) and c.is_contiguous(memory_format=fmt)
+    for y, want in zip(outs, fixed(x)):
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)  # NNPACK may run in NCHW

@@ -211,7 +211,7 @@ def test_return_modes(data_format, return_sequences, return_state, return_all_la
         torch.testing.assert_close(y, ref, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("memory_format", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
 def test_initial_state_and_memory_format(memory_format) -> None:
     model = ConvLSTM2D(2, [3, 4], [3, 5], memory_format=memory_format, return_state=True).double()
     _randomize(model)

@@ -34,11 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["conv2d", "conv2d_input_grad", "get_cpu_conv_backend", "set_cpu_conv_backend"]
+__all__ = [
+    "conv2d",
+    "conv2d_input_grad",
+    "fastest_memory_format",
+    "get_cpu_conv_backend",
+    "set_cpu_conv_backend",
+]
 
 _POLICIES = ("auto", "native", "nnpack")
 _policy = os.environ.get("NOWCAST_CPU_CONV", "auto")
 _choices: dict[tuple, bool] = {}  # shape key -> use NNPACK
+_layouts: dict[tuple, torch.memory_format] = {}  # shape key -> fastest memory format
 _nnpack: bool | None = None  # availability, probed once
 
 
@@ -49,6 +56,7 @@ def set_cpu_conv_backend(policy: str) -> None:
         raise ValueError(f"CPU convolution backend must be one of {_POLICIES}, got {policy!r}")
     _policy = policy
     _choices.clear()
+    _layouts.clear()
 
 
 def get_cpu_conv_backend() -> str:
@@ -157,3 +165,52 @@ def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[in
     return torch.ops.aten.convolution_backward(
         grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, [True, False, False]
     )[0]
+
+
+def fastest_memory_format(
+    shape: tuple[int, int, int, int], weight: Tensor, padding: tuple[int, int]
+) -> torch.memory_format:
+    """``torch.channels_last`` or ``torch.contiguous_format``: the layout in which the
+    stride-1 convolution of an ``(N, C, H, W)`` input of ``shape`` with ``weight`` runs
+    its forward, input gradient and weight gradient faster here (a ConvLSTM recurrent
+    step), timed once per shape like :func:`conv2d`'s kernel choice.
+
+    In channels_last every kernel is oneDNN's; in NCHW :func:`conv2d` and
+    :func:`conv2d_input_grad` may run NNPACK's Winograd/FFT kernels, while the weight
+    gradient stays oneDNN's, slower in NCHW. Measured on the benchmark configs
+    (``docs/benchmarks.md``): channels_last for 3x3 kernels over 64 channels, NCHW for
+    5x5 ones. Where NNPACK cannot run (not CPU float32, autocast, tracing, the
+    ``"native"`` policy, deterministic algorithms), channels_last without timing.
+    """
+    probe = weight.new_empty(shape)
+    if not _eligible(probe, weight, padding) or torch.are_deterministic_algorithms_enabled():
+        return torch.channels_last
+    key = (tuple(shape), tuple(weight.shape), padding, torch.get_num_threads())
+    choice = _layouts.get(key)
+    if choice is None:
+        steps = {}
+        for fmt in (torch.channels_last, torch.contiguous_format):
+            x = torch.randn(shape, dtype=weight.dtype).contiguous(memory_format=fmt)
+            w = weight.detach().contiguous(memory_format=fmt)
+            grad = torch.randn_like(F.conv2d(x, w, None, 1, padding))
+
+            def step(x=x, w=w, grad=grad) -> None:
+                conv2d(x, w, None, padding)
+                conv2d_input_grad(grad, x, w, padding)
+                torch.ops.aten.convolution_backward(
+                    grad, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1,
+                    [False, True, False],
+                )
+
+            steps[fmt] = step
+        with torch.no_grad():
+            for step in steps.values():  # warm-up, incl. conv2d's own kernel choices
+                step()
+            seconds = dict.fromkeys(steps, float("inf"))
+            for _ in range(3):  # interleaved, best of 3: a slow moment hits both
+                for fmt, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    seconds[fmt] = min(seconds[fmt], time.perf_counter() - start)
+        choice = _layouts[key] = min(seconds, key=seconds.__getitem__)
+    return choice

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from nowcast.nn.conv import conv2d, conv2d_input_grad
+from nowcast.nn.conv import conv2d, conv2d_input_grad, fastest_memory_format
 
 Activation = str | Callable[[Tensor], Tensor]
 State = tuple[Tensor, Tensor]
@@ -492,6 +492,9 @@ class ConvLSTMCell(nn.Module):
         return state
 
 
+_MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     """channels_last if ``x`` ``(N, C, H, W)`` is laid out so (and not trivially), else contiguous."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -600,12 +603,16 @@ class ConvLSTM2D(nn.Module):
         ``(H, W)`` of the input frames; needed only for full-size peephole weights (each
         layer's state size follows from it with :meth:`output_size`).
     memory_format
-        Memory layout of the frames inside: ``"channels_last"`` (default: on CPU oneDNN
-        runs these convolutions ~1.3x faster than NCHW, see ``docs/benchmarks.md``, and
-        cuDNN's tensor-core kernels prefer it too) or ``"contiguous"`` (NCHW), which on
-        CPUs lets float32 convolutions run on NNPACK where that is faster per shape
-        (:mod:`nowcast.nn.conv`; 1.4x faster inference of the 5x5 benchmark config). The
-        results are the same up to float32 rounding; only speed differs.
+        Memory layout of the frames inside, per layer: ``"channels_last"`` (on CPU oneDNN
+        runs the 3x3 convolutions ~1.3x faster than NCHW, see ``docs/benchmarks.md``, and
+        cuDNN's tensor-core kernels prefer it too), ``"contiguous"`` (NCHW), which on
+        CPUs lets float32 convolutions run on NNPACK's Winograd/FFT kernels where those
+        are faster per shape (:mod:`nowcast.nn.conv`; 5x5 kernels), or ``"auto"``
+        (default): channels_last, except CPU float32 layers outside autocast and
+        deterministic mode, whose layout is the faster one for their recurrent
+        convolution, timed the first time a shape is met
+        (:func:`nowcast.nn.conv.fastest_memory_format`). The results are the same up to
+        float32 rounding; only speed differs.
     """
 
     def __init__(
@@ -630,13 +637,11 @@ class ConvLSTM2D(nn.Module):
         stateful: bool = False,
         checkpoint_steps: int = 0,
         frame_size: Sequence[int] | None = None,
-        memory_format: Literal["channels_last", "contiguous"] = "channels_last",
+        memory_format: Literal["auto", "channels_last", "contiguous"] = "auto",
     ) -> None:
         super().__init__()
-        if memory_format not in ("channels_last", "contiguous"):
-            raise ValueError(
-                f"memory_format must be 'channels_last' or 'contiguous', got {memory_format!r}"
-            )
+        if memory_format not in _MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {_MEMORY_FORMATS}, got {memory_format!r}")
         if checkpoint_steps < 0:
             raise ValueError(f"checkpoint_steps must be >= 0, got {checkpoint_steps}")
         if data_format not in ("channels_first", "channels_last"):
@@ -670,9 +675,6 @@ class ConvLSTM2D(nn.Module):
         self.checkpoint_steps = checkpoint_steps
         self.dropout = dropout
         self.memory_format = memory_format
-        self._memory_format = (
-            torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-        )
         self.cells = nn.ModuleList()
         size = None if frame_size is None else _pair(frame_size, "frame_size")  # type: ignore[arg-type]
         for layer in range(n):
@@ -715,6 +717,18 @@ class ConvLSTM2D(nn.Module):
             height, width = cell.output_size(height, width)
             sizes.append((height, width))
         return sizes
+
+    def _layer_formats(self, b: int, height: int, width: int) -> list[torch.memory_format]:
+        """The memory format of each layer's frames and states for ``B = b`` frames of
+        ``height x width`` (see ``memory_format``)."""
+        if self.memory_format == "channels_last" or (self.memory_format == "auto" and _is_tracing()):
+            return [torch.channels_last] * self.num_layers
+        if self.memory_format == "contiguous":
+            return [torch.contiguous_format] * self.num_layers
+        return [
+            fastest_memory_format((b, cell.hidden_channels, hh, ww), cell.weight_h, cell._h_padding)
+            for cell, (hh, ww) in zip(self.cells, self.output_size(height, width))
+        ]
 
     def _check_input(self, x: Tensor) -> Tensor:
         """Check ``x`` and return it as ``(B, T, C, H, W)`` (a view for channels_last)."""
@@ -765,11 +779,12 @@ class ConvLSTM2D(nn.Module):
         states: list[State] = []
         checkpointing = self.checkpoint_steps > 0 and torch.is_grad_enabled() and self.training
         inference = not torch.is_grad_enabled() and not _is_tracing()
+        formats = self._layer_formats(b, *x.shape[-2:])
         for layer, cell in enumerate(self.cells):
             # .to, not .contiguous: a one-channel input is contiguous in both layouts, and
             # .contiguous keeps its NCHW strides, from which the convolution's output and
             # so the whole layer would follow NCHW (measured ~1.3x slower per step at S).
-            frames = frames.to(memory_format=self._memory_format)
+            frames = frames.to(memory_format=formats[layer])
             # All input-to-state convolutions of the layer at once, outside the loop (with
             # checkpointing, per chunk: the gates are then recomputed, not stored; in
             # inference, per chunk of _INFERENCE_CHUNK steps, see _run_inference).
@@ -786,7 +801,7 @@ class ConvLSTM2D(nn.Module):
             else:
                 state = tuple(initial_state[layer])  # type: ignore[assignment]
                 _check_state(state, x_gates[0], cell.hidden_channels, layer)
-                state = tuple(s.contiguous(memory_format=self._memory_format) for s in state)
+                state = tuple(s.to(memory_format=formats[layer]) for s in state)
             zero = initial_state is None
             if checkpointing:
                 hs, state = self._run_checkpointed(cell, frames.unflatten(0, (t, b)), state, zero)
@@ -851,9 +866,12 @@ class ConvLSTM2D(nn.Module):
                 f"states must have one (h, c) per layer ({self.num_layers}), got {len(states)}"
             )
         new_states: list[State] = []
-        inp = x_t.to(memory_format=self._memory_format)  # .to: see forward
+        inp = x_t
+        formats = self._layer_formats(x_t.shape[0], *x_t.shape[-2:])
         for layer, cell in enumerate(self.cells):
-            h, c = cell(inp, None if states is None else states[layer])
+            fmt = formats[layer]
+            state = None if states is None else tuple(s.to(memory_format=fmt) for s in states[layer])
+            h, c = cell(inp.to(memory_format=fmt), state)  # .to: see forward
             new_states.append((h, c))
             inp = h
         return self._to_format(inp), new_states
