@@ -107,6 +107,7 @@ def test_fastest_memory_format_times_each_shape_once(policy, monkeypatch):
 @nnpack
 @pytest.mark.parametrize("first", [torch.channels_last, torch.contiguous_format])
 def test_auto_layer_runs_each_layer_in_its_chosen_format(policy, first):
+    policy("auto")  # forget earlier tests' choices
     torch.manual_seed(0)
     auto = ConvLSTM2D(1, [8, 6], [5, 3], return_all_layers=True, return_state=True)
     fixed = ConvLSTM2D(1, [8, 6], [5, 3], return_all_layers=True, memory_format="channels_last")
@@ -114,12 +115,24 @@ def test_auto_layer_runs_each_layer_in_its_chosen_format(policy, first):
     x = torch.randn(2, 3, 1, 10, 12)
     # Decide the layouts instead of timing them: layer 0 `first`, layer 1 the other one.
     second = torch.contiguous_format if first == torch.channels_last else torch.channels_last
-    for cell, fmt in zip(auto.cells, (first, second)):
-        key = ((2, cell.hidden_channels, 10, 12), tuple(cell.weight_h.shape), cell._h_padding,
-               torch.get_num_threads())
+    frames = [(1, 10, 12), (8, 10, 12)]  # each layer's input frame (C, H, W)
+    for cell, frame, fmt in zip(auto.cells, frames, (first, second)):
+        key = ((cell.hidden_channels, 10, 12), tuple(cell.weight_h.shape), cell._h_padding,
+               torch.get_num_threads(), frame)
         conv_backend._layouts[key] = fmt
     outs, states = auto(x)
+    assert len(conv_backend._layouts) == 2  # nothing else was timed
     for (h, c), fmt in zip(states, (first, second)):
         assert h.is_contiguous(memory_format=fmt) and c.is_contiguous(memory_format=fmt)
     for y, want in zip(outs, fixed(x)):
         torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)  # NNPACK may run in NCHW
+
+
+@nnpack
+def test_auto_layer_times_a_layer_once_for_every_batch_size(policy):
+    policy("auto")
+    layer = ConvLSTM2D(1, 4, 3)
+    layer(torch.randn(3, 2, 1, 8, 8))
+    assert len(conv_backend._layouts) == 1
+    layer(torch.randn(2, 2, 1, 8, 8))  # a short last batch: same choice, not timed again
+    assert len(conv_backend._layouts) == 1

@@ -12,13 +12,14 @@ keeps to oneDNN, so that runs repeat bit for bit.
 
 NNPACK is used only where it computes the same function: float32 CPU tensors outside
 autocast, stride 1, dilation 1, symmetric padding, not while tracing or compiling; and
-only on NCHW-contiguous inputs, i.e. in layers built with ``memory_format="contiguous"``
-(in channels_last layers the layout copies cost more than NNPACK saves). Measured on the
-benchmark configs (``docs/benchmarks.md``): it speeds up CPU inference of 5x5 layers
-(forward 1.40x the reference at config P, against 1.02x for channels_last oneDNN) but not
-training, whose NCHW weight gradients are slower in oneDNN; so channels_last stays the
-default and ``memory_format="contiguous"`` is the choice for CPU inference. Its Winograd/FFT results
-differ from oneDNN's by float32 rounding (relative ~1e-6); float64 never uses it.
+only on NCHW-contiguous inputs, i.e. in ConvLSTM layers that run in NCHW (in
+channels_last layers the layout copies cost more than NNPACK saves). Whether a layer
+runs in NCHW (where NNPACK may win) or channels_last (oneDNN's faster layout) is itself
+timed per shape by :func:`fastest_memory_format` (``ConvLSTM2D(memory_format="auto")``,
+the default). Measured on the benchmark configs (``docs/benchmarks.md``): NCHW with
+NNPACK for the 5x5 layers of config P (training 1.26x the reference, forward 1.78x),
+channels_last for the 3x3 layers of config S. Its Winograd/FFT results differ from
+oneDNN's by float32 rounding (relative ~1e-6); float64 never uses it.
 
 ``NOWCAST_CPU_CONV`` (environment) or :func:`set_cpu_conv_backend` choose the policy:
 ``"auto"`` (default: benchmark per shape), ``"native"`` (always ``F.conv2d``) or
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,14 +105,21 @@ def _nchw(x: Tensor) -> bool:
     return x.is_contiguous() and not one_channel_cl
 
 
-def _best_seconds(fn, repeats: int = 2) -> float:
-    fn()  # warm-up: weight reorders, scratch buffers
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _fastest(candidates: dict, repeats: int = 3):
+    """The key of the fastest of ``candidates`` (key -> no-argument function): each run
+    once to warm up (weight reorders, scratch buffers, nested kernel choices), then
+    ``repeats`` interleaved rounds, best time of each; interleaving makes a slow moment
+    of a shared machine hit every candidate alike."""
+    with torch.no_grad():
+        for fn in candidates.values():
+            fn()
+        seconds = dict.fromkeys(candidates, float("inf"))
+        for _ in range(repeats):
+            for key, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                seconds[key] = min(seconds[key], time.perf_counter() - start)
+    return min(seconds, key=seconds.__getitem__)
 
 
 def _use_nnpack(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> bool:
@@ -124,15 +133,13 @@ def _use_nnpack(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[i
            x.is_contiguous(), torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
-        with torch.no_grad():
-            xd, wd = x.detach(), weight.detach()
-            b = None if bias is None else bias.detach()
-            native = _best_seconds(lambda: F.conv2d(xd, wd, b, 1, padding))
+        xd, wd = x.detach(), weight.detach()
+        b = None if bias is None else bias.detach()
+        choice = _choices[key] = _fastest({
+            False: lambda: F.conv2d(xd, wd, b, 1, padding),
             # including the copies conv2d makes for NNPACK (NCHW-contiguous only)
-            nnpack = _best_seconds(
-                lambda: torch._nnpack_spatial_convolution(xd.contiguous(), wd.contiguous(), b, padding)
-            )
-        choice = _choices[key] = nnpack < native
+            True: lambda: torch._nnpack_spatial_convolution(xd.contiguous(), wd.contiguous(), b, padding),
+        })
     return choice
 
 
@@ -168,16 +175,25 @@ def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[in
 
 
 def fastest_memory_format(
-    shape: tuple[int, int, int, int], weight: Tensor, padding: tuple[int, int]
+    shape: tuple[int, int, int, int],
+    weight: Tensor,
+    padding: tuple[int, int],
+    step: Callable[[torch.memory_format], Callable[[], None]] | None = None,
+    key: tuple = (),
 ) -> torch.memory_format:
-    """``torch.channels_last`` or ``torch.contiguous_format``: the layout in which the
-    stride-1 convolution of an ``(N, C, H, W)`` input of ``shape`` with ``weight`` runs
-    its forward, input gradient and weight gradient faster here (a ConvLSTM recurrent
-    step), timed once per shape like :func:`conv2d`'s kernel choice.
+    """``torch.channels_last`` or ``torch.contiguous_format``: the layout in which a
+    stride-1 convolution of an ``(N, C, H, W)`` input of ``shape`` with ``weight`` (and
+    the work around it) runs faster here, timed once per shape like :func:`conv2d`'s
+    kernel choice (at the first batch size ``N`` met, kept for all).
+
+    ``step(fmt)`` returns a function that runs the work once in layout ``fmt`` (a
+    :class:`~nowcast.nn.ConvLSTM2D` layer passes a two-step training pass of the layer);
+    by default the convolution's forward, input gradient and weight gradient. ``key``
+    tells apart different work around the same convolution.
 
     In channels_last every kernel is oneDNN's; in NCHW :func:`conv2d` and
-    :func:`conv2d_input_grad` may run NNPACK's Winograd/FFT kernels, while the weight
-    gradient stays oneDNN's, slower in NCHW. Measured on the benchmark configs
+    :func:`conv2d_input_grad` may run NNPACK's Winograd/FFT kernels, while weight
+    gradients stay oneDNN's, slower in NCHW. Measured on the benchmark configs
     (``docs/benchmarks.md``): channels_last for 3x3 kernels over 64 channels, NCHW for
     5x5 ones. Where NNPACK cannot run (not CPU float32, autocast, tracing, the
     ``"native"`` policy, deterministic algorithms), channels_last without timing.
@@ -185,32 +201,31 @@ def fastest_memory_format(
     probe = weight.new_empty(shape)
     if not _eligible(probe, weight, padding) or torch.are_deterministic_algorithms_enabled():
         return torch.channels_last
-    key = (tuple(shape), tuple(weight.shape), padding, torch.get_num_threads())
-    choice = _layouts.get(key)
+    # Not the batch size: the first one met decides for all (a short last batch or a
+    # validation batch size would otherwise be timed again).
+    full_key = (tuple(shape[1:]), tuple(weight.shape), padding, torch.get_num_threads(), key)
+    choice = _layouts.get(full_key)
     if choice is None:
-        steps = {}
-        for fmt in (torch.channels_last, torch.contiguous_format):
-            x = torch.randn(shape, dtype=weight.dtype).contiguous(memory_format=fmt)
-            w = weight.detach().contiguous(memory_format=fmt)
-            grad = torch.randn_like(F.conv2d(x, w, None, 1, padding))
-
-            def step(x=x, w=w, grad=grad) -> None:
-                conv2d(x, w, None, padding)
-                conv2d_input_grad(grad, x, w, padding)
-                torch.ops.aten.convolution_backward(
-                    grad, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1,
-                    [False, True, False],
-                )
-
-            steps[fmt] = step
-        with torch.no_grad():
-            for step in steps.values():  # warm-up, incl. conv2d's own kernel choices
-                step()
-            seconds = dict.fromkeys(steps, float("inf"))
-            for _ in range(3):  # interleaved, best of 3: a slow moment hits both
-                for fmt, step in steps.items():
-                    start = time.perf_counter()
-                    step()
-                    seconds[fmt] = min(seconds[fmt], time.perf_counter() - start)
-        choice = _layouts[key] = min(seconds, key=seconds.__getitem__)
+        build = step or (lambda fmt: _conv_step(shape, weight, padding, fmt))
+        formats = (torch.channels_last, torch.contiguous_format)
+        # the warm-up also makes conv2d's own kernel choices for these shapes
+        choice = _layouts[full_key] = _fastest({fmt: build(fmt) for fmt in formats})
     return choice
+
+
+def _conv_step(
+    shape: tuple[int, int, int, int], weight: Tensor, padding: tuple[int, int], fmt: torch.memory_format
+) -> Callable[[], None]:
+    """Forward, input gradient and weight gradient of one convolution, in layout ``fmt``."""
+    x = torch.randn(shape, dtype=weight.dtype).contiguous(memory_format=fmt)
+    w = weight.detach().contiguous(memory_format=fmt)
+    grad = torch.randn_like(F.conv2d(x, w, None, 1, padding))
+
+    def step() -> None:
+        conv2d(x, w, None, padding)
+        conv2d_input_grad(grad, x, w, padding)
+        torch.ops.aten.convolution_backward(
+            grad, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, [False, True, False]
+        )
+
+    return step

@@ -725,10 +725,15 @@ class ConvLSTM2D(nn.Module):
             return [torch.channels_last] * self.num_layers
         if self.memory_format == "contiguous":
             return [torch.contiguous_format] * self.num_layers
-        return [
-            fastest_memory_format((b, cell.hidden_channels, hh, ww), cell.weight_h, cell._h_padding)
-            for cell, (hh, ww) in zip(self.cells, self.output_size(height, width))
-        ]
+        formats = []
+        frame = (self.in_channels, height, width)
+        for cell, (hh, ww) in zip(self.cells, self.output_size(height, width)):
+            formats.append(fastest_memory_format(
+                (b, cell.hidden_channels, hh, ww), cell.weight_h, cell._h_padding,
+                step=lambda fmt, cell=cell, frame=frame: _timing_step(cell, b, frame, fmt), key=frame,
+            ))
+            frame = (cell.hidden_channels, hh, ww)
+        return formats
 
     def _check_input(self, x: Tensor) -> Tensor:
         """Check ``x`` and return it as ``(B, T, C, H, W)`` (a view for channels_last)."""
@@ -927,6 +932,26 @@ class ConvLSTM2D(nn.Module):
                         f"got {tuple(np.asarray(w[key]).shape)}"
                     )
                 param.copy_(value)
+
+
+def _timing_step(
+    cell: ConvLSTMCell, b: int, frame: tuple[int, int, int], fmt: torch.memory_format
+) -> Callable[[], None]:
+    """A two-step training pass of ``cell`` on random ``b`` x ``frame`` ``(C, H, W)``
+    inputs in layout ``fmt`` (what ``memory_format="auto"`` times): the input
+    convolution, the recurrence and all their gradients, the parameters' ``.grad`` left
+    alone. (A one-step pass, half the cost, ranked the layouts of config S the other way
+    round from its full training step.)"""
+    frames = torch.randn(2 * b, *frame, dtype=cell.weight_h.dtype).to(memory_format=fmt)
+    inputs = [frames.requires_grad_(), *(p for p in cell.parameters() if p.requires_grad)]
+
+    def step() -> None:
+        with torch.enable_grad():
+            x_gates = cell.input_conv(frames).unflatten(0, (2, b))  # (2, B, 4Ch, H', W')
+            hs, _ = cell.run(x_gates, cell.init_state(x_gates[0]))
+            torch.autograd.grad(hs, inputs, torch.ones_like(hs), allow_unused=True)
+
+    return step
 
 
 #: Time steps whose input-to-state convolutions run together in inference (no autograd).
