@@ -129,10 +129,12 @@ def test_auto_layer_runs_each_layer_in_its_chosen_format(policy, first):
 
 
 @nnpack
-def test_auto_layer_times_a_layer_once_for_every_batch_size(policy):
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad, torch.enable_grad])
+def test_auto_layer_times_a_layer_once_for_every_batch_size(policy, mode):
     policy("auto")
     layer = ConvLSTM2D(1, 4, 3)
-    layer(torch.randn(3, 2, 1, 8, 8))
+    with mode():  # the first call (which times the layer) may come in any grad mode
+        layer(torch.randn(3, 2, 1, 8, 8))
     assert len(conv_backend._layouts) == 1
     layer(torch.randn(2, 2, 1, 8, 8))  # a short last batch: same choice, not timed again
     assert len(conv_backend._layouts) == 1

@@ -942,11 +942,14 @@ def _timing_step(
     convolution, the recurrence and all their gradients, the parameters' ``.grad`` left
     alone. (A one-step pass, half the cost, ranked the layouts of config S the other way
     round from its full training step.)"""
-    frames = torch.randn(2 * b, *frame, dtype=cell.weight_h.dtype).to(memory_format=fmt)
+    # Also when the layer is first called under torch.inference_mode (evaluation), whose
+    # tensors autograd cannot use.
+    with torch.inference_mode(False):
+        frames = torch.randn(2 * b, *frame, dtype=cell.weight_h.dtype).to(memory_format=fmt)
     inputs = [frames.requires_grad_(), *(p for p in cell.parameters() if p.requires_grad)]
 
     def step() -> None:
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             x_gates = cell.input_conv(frames).unflatten(0, (2, b))  # (2, B, 4Ch, H', W')
             hs, _ = cell.run(x_gates, cell.init_state(x_gates[0]))
             torch.autograd.grad(hs, inputs, torch.ones_like(hs), allow_unused=True)
