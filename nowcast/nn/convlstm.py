@@ -609,10 +609,11 @@ class ConvLSTM2D(nn.Module):
         CPUs lets float32 convolutions run on NNPACK's Winograd/FFT kernels where those
         are faster per shape (:mod:`nowcast.nn.conv`; 5x5 kernels), or ``"auto"``
         (default): channels_last, except CPU float32 layers outside autocast and
-        deterministic mode, whose layout is the faster one for their recurrent
-        convolution, timed the first time a shape is met
-        (:func:`nowcast.nn.conv.fastest_memory_format`). The results are the same up to
-        float32 rounding; only speed differs.
+        deterministic mode, which take the layout in which a two-step training pass of
+        the layer ran faster, timed the first time a frame shape is met (~12 s for the
+        two 64-channel layers of the S benchmark config; :func:`nowcast.nn.conv.
+        fastest_memory_format`). The results are the same up to float32 rounding; only
+        speed differs.
     """
 
     def __init__(
