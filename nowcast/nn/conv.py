@@ -82,11 +82,19 @@ def _eligible(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and weight.dtype == torch.float32
         and x.dim() == 4
         # NNPACK reads NCHW only: in channels_last layers the copies in and out (and the
         # mixed layouts after) cost more than it saves (measured: docs/benchmarks.md)
         and _nchw(x)
+        and _nnpack_usable(weight, padding)
+    )
+
+
+def _nnpack_usable(weight: Tensor, padding: tuple[int, int]) -> bool:
+    """Whether NNPACK may run a convolution with ``weight`` here, whatever its input's layout."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
         and padding[0] >= 0
         and padding[1] >= 0
         and get_cpu_conv_backend() != "native"
@@ -198,8 +206,7 @@ def fastest_memory_format(
     5x5 ones. Where NNPACK cannot run (not CPU float32, autocast, tracing, the
     ``"native"`` policy, deterministic algorithms), channels_last without timing.
     """
-    probe = weight.new_empty(shape)
-    if not _eligible(probe, weight, padding) or torch.are_deterministic_algorithms_enabled():
+    if not _nnpack_usable(weight, padding) or torch.are_deterministic_algorithms_enabled():
         return torch.channels_last
     # Not the batch size: the first one met decides for all (a short last batch or a
     # validation batch size would otherwise be timed again).
