@@ -237,6 +237,30 @@ def test_one_channel_input_runs_every_layer_in_the_memory_format(memory_format, 
         for t in (h, c, y[:, 0], y[:, -1]):
             assert t.is_contiguous(memory_format=fmt), (layer, t.stride())
 
+@pytest.mark.parametrize("mode", ["inference", "checkpointed"])
+def test_one_channel_input_chunks_keep_the_first_layer_channels_last(monkeypatch, mode) -> None:
+    # Inference and checkpointing run the input convolution per chunk of steps; flattening
+    # a chunk gives one-channel frames NCHW strides again, which made the first layer's
+    # gates NCHW in those chunks.
+    layouts = []
+    input_conv = ConvLSTMCell.input_conv
+
+    def spy(self, x):
+        out = input_conv(self, x)
+        layouts.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+        return out
+
+    monkeypatch.setattr(ConvLSTMCell, "input_conv", spy)
+    model = ConvLSTM2D(1, [4, 3], 3, memory_format="channels_last", checkpoint_steps=3)
+    x = torch.randn(2, 9, 1, 6, 6)
+    if mode == "inference":
+        with torch.no_grad():
+            model(x)
+    else:
+        model(x).sum().backward()
+    assert len(layouts) >= 6 and all(layouts), layouts
+
+
 def test_cell_matches_reference() -> None:
     cell = _randomize(ConvLSTMCell(2, 3, 3, stride=2, peephole=False).double())
     layer = ConvLSTM2D(2, 3, 3, stride=2).double()

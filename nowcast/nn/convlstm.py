@@ -810,9 +810,9 @@ class ConvLSTM2D(nn.Module):
                 state = tuple(s.to(memory_format=formats[layer]) for s in state)
             zero = initial_state is None
             if checkpointing:
-                hs, state = self._run_checkpointed(cell, frames.unflatten(0, (t, b)), state, zero)
+                hs, state = self._run_checkpointed(cell, frames.unflatten(0, (t, b)), state, zero, formats[layer])
             elif inference:
-                hs, state = _run_inference(cell, frames.unflatten(0, (t, b)), x_gates, state, zero)
+                hs, state = _run_inference(cell, frames.unflatten(0, (t, b)), x_gates, state, zero, formats[layer])
             else:
                 hs, state = cell.run(x_gates, state, zero)  # hs: (T, B, Ch, H', W')
             states.append(state)
@@ -833,7 +833,7 @@ class ConvLSTM2D(nn.Module):
         return result
 
     def _run_checkpointed(
-        self, cell: ConvLSTMCell, frames: Tensor, state: State, zero_state: bool
+        self, cell: ConvLSTMCell, frames: Tensor, state: State, zero_state: bool, fmt: torch.memory_format
     ) -> tuple[Tensor, State]:
         """``frames`` ``(T, B, C, H, W)`` -> ``hs`` ``(T, B, Ch, H', W')``, final ``(h, c)``,
         recomputing each chunk of ``checkpoint_steps`` steps in the backward pass."""
@@ -841,7 +841,7 @@ class ConvLSTM2D(nn.Module):
         for part in frames.split(self.checkpoint_steps):  # split: one backward node, no zero-fills
             # Non-reentrant checkpoint: only the chunk's input frames and state are kept;
             # its input gates, gate activations and cell states are recomputed.
-            hs, c = checkpoint(_run_chunk, cell, part, *state, zero_state, use_reentrant=False)
+            hs, c = checkpoint(_run_chunk, cell, part, *state, zero_state, fmt, use_reentrant=False)
             hs_parts.append(hs)
             state, zero_state = (hs[-1], c), False
         return torch.cat(hs_parts), state
@@ -963,7 +963,8 @@ _INFERENCE_CHUNK = 4
 
 
 def _run_inference(
-    cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: State, zero_state: bool
+    cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: State, zero_state: bool,
+    fmt: torch.memory_format,
 ) -> tuple[Tensor, State]:
     """The recurrence without autograd, its input gates computed a few steps at a time.
 
@@ -985,16 +986,18 @@ def _run_inference(
     hs[:k].copy_(hs_first)
     c = state[1]
     for start in range(k, steps, k):
-        out, c = _run_chunk(cell, frames[start : start + k], hs[start - 1], c)
+        out, c = _run_chunk(cell, frames[start : start + k], hs[start - 1], c, False, fmt)
         hs[start : start + out.shape[0]].copy_(out)
     return hs, (hs[-1], c)
 
 
 def _run_chunk(
-    cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor, zero_state: bool = False
+    cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor, zero_state: bool, fmt: torch.memory_format
 ) -> tuple[Tensor, Tensor]:
-    """One checkpointed chunk: ``frames`` ``(k, B, C, H, W)`` -> ``(hs, c_k)``."""
-    x_gates = cell.input_conv(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (k, B, 4Ch, H', W')
+    """One chunk: ``frames`` ``(k, B, C, H, W)`` -> ``(hs, c_k)``, the layer in layout ``fmt``."""
+    # .to as in ConvLSTM2D.forward: flatten gives one-channel frames NCHW strides again
+    x = frames.flatten(0, 1).to(memory_format=fmt)
+    x_gates = cell.input_conv(x).unflatten(0, frames.shape[:2])  # (k, B, 4Ch, H', W')
     hs, (_, c) = cell.run(x_gates, (h, c), zero_state)
     return hs, c
 
