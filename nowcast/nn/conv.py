@@ -28,6 +28,7 @@ oneDNN's by float32 rounding (relative ~1e-6); float64 never uses it.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,9 +36,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+from nowcast.nn import buffers
 
 __all__ = [
     "conv2d",
+    "conv2d_add_",
     "conv2d_input_grad",
     "fastest_memory_format",
     "get_cpu_conv_backend",
@@ -155,11 +161,114 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, i
     """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` on the faster kernel.
 
     Differentiable (NNPACK's backward is torch's convolution backward). The NNPACK
-    output is NCHW-contiguous whatever the input's memory format.
+    output is NCHW-contiguous whatever the input's memory format. Large channels_last
+    outputs are written into a block of :mod:`nowcast.nn.buffers` (see
+    :class:`_ConvIntoBuffer`).
     """
     if _use_nnpack(x, weight, bias, padding):
         return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, padding)
+    if _into_buffer(x, weight, bias, padding):
+        return _ConvIntoBuffer.apply(x, weight, bias, padding)
     return F.conv2d(x, weight, bias, 1, padding)
+
+
+def _onednn_inplace(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """Whether oneDNN may add a stride-1 convolution of ``x`` into a channels_last buffer
+    in place: channels_last float32/bfloat16 CPU tensors of one dtype, outside autocast
+    (which would change the dtypes) and tracing."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not _nchw(x)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def _add_conv_(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """``out += conv2d(x, weight, bias)``, oneDNN's fused sum post-op (no output allocated)."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        out, x, weight, bias, list(padding), [1, 1], [1, 1], 1, "add", None, None, [], ""
+    )
+
+
+def _add_conv_flops(other_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """So that ``torch.utils.flop_counter.FlopCounterMode`` counts :func:`_add_conv_` as
+    the convolution it is (the fused add is not counted, as torch leaves out biases)."""
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+if hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):
+    register_flop_formula(torch.ops.mkldnn._convolution_pointwise_)(_add_conv_flops)
+
+
+def _out_shape(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    return (n, weight.shape[0], h + 2 * padding[0] - weight.shape[2] + 1, w + 2 * padding[1] - weight.shape[3] + 1)
+
+
+def _into_buffer(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> bool:
+    """A large channels_last output that :class:`_ConvIntoBuffer` can write into a pool block."""
+    if not _onednn_inplace(x, weight, bias) or min(padding) < 0:
+        return False
+    shape = _out_shape(x, weight, padding)
+    return min(shape) > 0 and math.prod(shape) * x.dtype.itemsize >= buffers.MIN_BYTES
+
+
+class _ConvIntoBuffer(torch.autograd.Function):
+    """``conv2d(x, weight, bias, padding)`` written into a zeroed block of
+    :mod:`nowcast.nn.buffers` by oneDNN's in-place sum, instead of a fresh output.
+
+    Why: the input-to-state convolution of all steps of a layer writes 671 MB at config S;
+    a fresh buffer that large is mapped from the OS, so every training step paid ~160k
+    page faults and the kernel's zeroing for it, much more than zeroing a kept block.
+    Backward: torch's convolution backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]):  # type: ignore[override]
+        n, c, h, w = _out_shape(x, weight, padding)
+        out = buffers.empty((n, h, w, c), x.dtype).permute(0, 3, 1, 2).zero_()  # channels_last
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return _add_conv_(out, x, weight, bias, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, mask
+        )
+        return gx, gw, gb, None
+
+
+def conv2d_add_(out: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:
+    """``out += conv2d(x, weight, padding=padding)`` in place; returns ``out``. No autograd.
+
+    For channels_last float32/bfloat16 CPU tensors oneDNN adds the convolution into
+    ``out`` as it writes it (a fused post-op), so no output is allocated. Why: a
+    ConvLSTM step's gates are ~33 MB at config S, and a fresh buffer that large comes
+    from ``mmap``, so every step paid for page faults and the kernel zeroing the pages
+    (64->256 3x3 at B 8, 64x64: 46 ms in place against 53 ms for the convolution alone
+    into a fresh tensor). Elsewhere: :func:`conv2d` and ``add_``.
+    """
+    if (
+        out.dtype == x.dtype
+        and not out.is_contiguous()
+        and out.is_contiguous(memory_format=torch.channels_last)
+        and _onednn_inplace(x, weight)
+    ):
+        return _add_conv_(out, x, weight, None, padding)
+    return out.add_(conv2d(x, weight, None, padding))
 
 
 def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:

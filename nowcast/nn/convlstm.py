@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from nowcast.nn.conv import conv2d, conv2d_input_grad, fastest_memory_format
+from nowcast.nn import buffers
+from nowcast.nn.conv import conv2d, conv2d_add_, conv2d_input_grad, fastest_memory_format
 
 Activation = str | Callable[[Tensor], Tensor]
 State = tuple[Tensor, Tensor]
@@ -111,14 +112,15 @@ def _is_tracing() -> bool:
 def _frames_like(like: Tensor, steps: int, channels: int) -> Tensor:
     """Empty ``(T, B, channels, H, W)`` buffer whose frames ``[t]`` have the memory format
     (contiguous or channels_last) of ``like`` ``(B, *, H, W)``, so ``[t]`` and
-    ``.flatten(0, 1)`` are views a convolution reads without a copy."""
+    ``.flatten(0, 1)`` are views a convolution reads without a copy. Large CPU buffers
+    come from :mod:`nowcast.nn.buffers` (kept between training steps)."""
     b, _, h, w = like.shape
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
         memory_format=torch.channels_last
     ):
-        buf = like.new_empty(steps, b, h, w, channels)  # (T, B, H, W, C) in memory
+        buf = buffers.empty((steps, b, h, w, channels), like.dtype, like.device)  # (T, B, H, W, C)
         return buf.permute(0, 1, 4, 2, 3)  # (T, B, C, H, W) view
-    return like.new_empty(steps, b, channels, h, w)
+    return buffers.empty((steps, b, channels, h, w), like.dtype, like.device)
 
 
 def _gate_scale(like: Tensor, n: int) -> Tensor:
@@ -136,7 +138,7 @@ def _tanh_(x: Tensor) -> Tensor:
 
 def _lstm_forward(
     x_gates: Tensor, weight_h: Tensor, padding: tuple[int, int], h0: Tensor, c0: Tensor, save: bool,
-    zero_h0: bool = False,
+    zero_h0: bool = False, consume: bool = False,
 ) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, Tensor | None]:
     """The recurrence of one tanh/sigmoid layer without peepholes, without autograd.
 
@@ -145,13 +147,16 @@ def _lstm_forward(
     gates ``sigmoid(a_i), sigmoid(a_f), sigmoid(2 a_g), sigmoid(a_o)`` of every step and
     every ``c_t`` and ``tanh(c_t)`` (the last three empty unless ``save``). ``zero_h0``
     says ``h0`` is zero (the default initial state): the first recurrent convolution,
-    which would return zeros, is skipped.
+    which would return zeros, is skipped. ``consume`` lets the gates of step ``t``
+    overwrite ``x_gates[t]``: the recurrent convolution is added into it in place
+    (:func:`~nowcast.nn.conv.conv2d_add_`), so a step allocates nothing.
 
     Why so: all four gates go through one sigmoid over the whole contiguous gate
     tensor (``tanh(a) = 2 sigmoid(2a) - 1``, the factor 2 folded into the recurrent
     weight and the one pass that adds the input gates), instead of four activations on
     strided channel slices, which cost ~3x more per element in channels_last. The math
-    writes into preallocated buffers, so a step allocates only the convolution output.
+    writes into preallocated buffers, so a step allocates only the convolution output
+    (nothing with ``consume``).
     """
     steps = x_gates.shape[0]
     n = weight_h.shape[0] // 4
@@ -161,18 +166,24 @@ def _lstm_forward(
     cs = _frames_like(c0, steps, n) if save else None
     tanh_cs = _frames_like(c0, steps, n) if save else None
     saved_gates: list[Tensor] = []
+    # without save: c_t in turns in two buffers, tanh(c_t) in a third (no allocation per step)
+    c_bufs = [] if save else [torch.empty_like(c0) for _ in range(3)]
     h, c = h0, c0
     for t in range(steps):
-        if t == 0 and zero_h0:
-            gates = torch.mul(x_gates[0], scale)  # (B, 4*Ch, H, W)
+        if consume:  # the gates overwrite x_gates[t]: no allocation per step
+            gates = x_gates[t].mul_(scale)  # (B, 4*Ch, H, W)
+            if t > 0 or not zero_h0:
+                conv2d_add_(gates, h, weight_2g, padding)
+        elif t == 0 and zero_h0:
+            gates = torch.mul(x_gates[0], scale)
         else:
             gates = conv2d(h, weight_2g, None, padding).addcmul_(x_gates[t], scale)
         gates.sigmoid_()  # a_i, a_f, 2 a_g, a_o -> sigmoids
         i, f, s_g, o = gates.split(n, dim=1)  # each (B, Ch, H, W)
-        c_next = cs[t] if save else torch.empty_like(c)
+        c_next = cs[t] if save else c_bufs[t % 2]
         torch.mul(f, c, out=c_next)
         c_next.addcmul_(i, s_g, value=2).sub_(i)  # += i * g with g = 2 s_g - 1
-        tanh_c = tanh_cs[t] if save else torch.empty_like(c)
+        tanh_c = tanh_cs[t] if save else c_bufs[2]
         _tanh_(torch.mul(c_next, 1, out=tanh_c))
         torch.mul(o, tanh_c, out=hs[t])
         if save:
@@ -185,7 +196,8 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
     """The whole recurrence of one layer (tanh/sigmoid, no peepholes) as one autograd node.
 
     Forward: ``(x_gates (T, B, 4Ch, H, W), weight_h, h0, c0) -> (hs (T, B, Ch, H, W), c_T)``;
-    ``zero_h0`` as in :func:`_lstm_forward`.
+    ``zero_h0`` and ``consume`` as in :func:`_lstm_forward` (with ``consume`` the caller
+    hands over ``x_gates``, which nothing else may read afterwards).
 
     Why: step-by-step autograd records ~15 nodes per step, each allocating full-size
     gradients, and computes the recurrent weight gradient as T small convolutions. Here
@@ -198,7 +210,7 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_gates: Tensor, weight_h: Tensor, h0: Tensor, c0: Tensor, padding: tuple[int, int],  # type: ignore[override]
-                zero_h0: bool = False):
+                zero_h0: bool = False, consume: bool = False):
         ctx.set_materialize_grads(False)  # unused outputs get None, not zero tensors
         # Compute in the dtype of the gates: under autocast the input convolution ran in
         # bf16/fp16, and the recurrence follows (as autocast does for the step-wise path).
@@ -207,7 +219,9 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
         ctx.zero_h0 = zero_h0
         ctx.dtypes = (weight_h.dtype, h0.dtype, c0.dtype)  # of the gradients to return
         w, h0, c0 = weight_h.to(dtype), h0.to(dtype), c0.to(dtype)
-        hs, c_last, gates, cs, tanh_cs = _lstm_forward(x_gates, w, padding, h0, c0, True, zero_h0)
+        if consume:  # its memory becomes the saved gates; no autograd history on them
+            x_gates = x_gates.detach()
+        hs, c_last, gates, cs, tanh_cs = _lstm_forward(x_gates, w, padding, h0, c0, True, zero_h0, consume)
         ctx.save_for_backward(w, h0, c0, hs, cs, tanh_cs, *gates)
         # c_T is a view of the saved buffer; hand out a copy so in-place changes by the
         # caller cannot corrupt what the backward reads.
@@ -268,7 +282,7 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
             grad_w = grad_w.to(ctx.dtypes[0])
         grad_h0 = dh_rec.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
         grad_c0 = dc.to(ctx.dtypes[2]) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_h0, grad_c0, None, None
+        return grad_x, grad_w, grad_h0, grad_c0, None, None, None
 
 
 class ConvLSTMCell(nn.Module):
@@ -424,7 +438,9 @@ class ConvLSTMCell(nn.Module):
         h_gates = F.conv2d(h, self.weight_h, None, 1, self._h_padding)  # (B, 4*Ch, H', W')
         return self._pointwise(x_gates + h_gates, c)
 
-    def run(self, x_gates: Tensor, state: State, zero_state: bool = False) -> tuple[Tensor, State]:
+    def run(
+        self, x_gates: Tensor, state: State, zero_state: bool = False, consume: bool = False
+    ) -> tuple[Tensor, State]:
         """Run the recurrence over precomputed input gates.
 
         Parameters
@@ -437,6 +453,10 @@ class ConvLSTMCell(nn.Module):
         zero_state
             ``h`` is known to be zero (the default initial state): the first recurrent
             convolution, whose result would be zero, is skipped.
+        consume
+            ``x_gates`` may be overwritten (the layer then computes each step's gates in
+            its memory instead of a new buffer); for callers that own it and do not read
+            it afterwards.
 
         Returns
         -------
@@ -444,12 +464,15 @@ class ConvLSTMCell(nn.Module):
         """
         if self._fusable and not _is_tracing():
             if torch.is_grad_enabled():
-                hs, c = _FusedConvLSTMLayer.apply(x_gates, self.weight_h, *state, self._h_padding, zero_state)
+                hs, c = _FusedConvLSTMLayer.apply(
+                    x_gates, self.weight_h, *state, self._h_padding, zero_state, consume
+                )
             else:  # inference: same in-place loop, nothing saved
                 dtype = x_gates.dtype
                 hs, c, *_ = _lstm_forward(
                     x_gates, self.weight_h.to(dtype), self._h_padding,
                     state[0].to(dtype), state[1].to(dtype), save=False, zero_h0=zero_state,
+                    consume=consume,
                 )
             return hs, (hs[-1], c)
         hs_list = []
@@ -488,7 +511,7 @@ class ConvLSTMCell(nn.Module):
             state = self.init_state(x_gates)
         else:
             _check_state(state, x_gates, self.hidden_channels, 0)
-        hs, state = self.run(x_gates.unsqueeze(0), state, zero_state)  # hs: (1, B, Ch, H', W')
+        hs, state = self.run(x_gates.unsqueeze(0), state, zero_state, consume=True)  # hs: (1, B, Ch, H', W')
         return state
 
 
@@ -814,7 +837,7 @@ class ConvLSTM2D(nn.Module):
             elif inference:
                 hs, state = _run_inference(cell, frames.unflatten(0, (t, b)), x_gates, state, zero, formats[layer])
             else:
-                hs, state = cell.run(x_gates, state, zero)  # hs: (T, B, Ch, H', W')
+                hs, state = cell.run(x_gates, state, zero, consume=True)  # hs: (T, B, Ch, H', W')
             states.append(state)
             outputs.append(hs)
             if self.dropout and self.training and layer < self.num_layers - 1:
@@ -952,7 +975,7 @@ def _timing_step(
     def step() -> None:
         with torch.inference_mode(False), torch.enable_grad():
             x_gates = cell.input_conv(frames).unflatten(0, (2, b))  # (2, B, 4Ch, H', W')
-            hs, _ = cell.run(x_gates, cell.init_state(x_gates[0]))
+            hs, _ = cell.run(x_gates, cell.init_state(x_gates[0]), consume=True)
             torch.autograd.grad(hs, inputs, torch.ones_like(hs), allow_unused=True)
 
     return step
@@ -979,7 +1002,7 @@ def _run_inference(
     batched convolution's efficiency and reuse the same memory.
     """
     steps, k = frames.shape[0], first.shape[0]
-    hs_first, state = cell.run(first, state, zero_state)
+    hs_first, state = cell.run(first, state, zero_state, consume=True)
     if k >= steps:
         return hs_first, state
     hs = _frames_like(hs_first[0], steps, cell.hidden_channels)  # (T, B, Ch, H', W')
@@ -998,7 +1021,7 @@ def _run_chunk(
     # .to as in ConvLSTM2D.forward: flatten gives one-channel frames NCHW strides again
     x = frames.flatten(0, 1).to(memory_format=fmt)
     x_gates = cell.input_conv(x).unflatten(0, frames.shape[:2])  # (k, B, 4Ch, H', W')
-    hs, (_, c) = cell.run(x_gates, (h, c), zero_state)
+    hs, (_, c) = cell.run(x_gates, (h, c), zero_state, consume=True)
     return hs, c
 
 
