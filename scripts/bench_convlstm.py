@@ -17,6 +17,8 @@ Measured, interleaved in one run (so machine noise hits both alike), median of
   ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the machine's practical
   peak, measured in the same run as the best of a few large convolutions
   (forward + backward);
+* minor page faults of the process per run (median): large buffers that the allocator
+  maps fresh from the OS each time cost a fault per 4 KiB page and the kernel's zeroing;
 * peak memory of one training step with and without ``checkpoint_steps``. On CPU torch
   has no allocator statistics, so each measurement runs in a fresh subprocess and
   reports the growth of the peak resident set size (``VmHWM``, reset through
@@ -302,9 +304,12 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
     for fn in cases.values():  # warm-up, incl. the per-shape kernel choice of conv2d
         fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
+    faults: dict[str, list[int]] = {name: [] for name in cases}
     for r in range(args.repeats):
         for name, fn in cases.items():  # interleaved: noise hits every case alike
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[name].append(timed(fn, device))
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         print(f"[{cfg.name}] repeat {r + 1}/{args.repeats} done", file=sys.stderr)
     med = {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -314,7 +319,8 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
         spread = f"{min(times[name]):.2f}-{max(times[name]):.2f}"
         return (
             f"| {cfg.name} | {name} | {secs:.2f} ({spread}) | {cfg.batch / secs:.3f} | "
-            f"{med[baseline] / secs:.2f}x | {gflops:.0f} | {gflops / peak:.0%} |"
+            f"{med[baseline] / secs:.2f}x | {gflops:.0f} | {gflops / peak:.0%} | "
+            f"{statistics.median(faults[name]) / 1000:.0f}k |"
         )
 
     rows = [row(name, "reference train" if "train" in name else "reference forward") for name in cases]
@@ -328,7 +334,7 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
         rows.append(
             f"| {cfg.name} | peak memory of a train step (MiB) | "
             + ", ".join(f"{k}: {v:.0f}" for k, v in mem.items())
-            + " | | | | |"
+            + " | | | | | |"
         )
     return rows
 
@@ -370,8 +376,9 @@ def main() -> None:
         "",
         *[f"- {n}: {CONFIGS[n].describe()}" for n in names],
         "",
-        "| config | case | seconds, median (min-max) | sequences/s | vs reference | GFLOP/s | of peak |",
-        "|---|---|---|---|---|---|---|",
+        "| config | case | seconds, median (min-max) | sequences/s | vs reference | GFLOP/s | of peak "
+        "| page faults |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         lines += bench_config(CONFIGS[name], args, peak)
