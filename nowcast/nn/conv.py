@@ -21,6 +21,12 @@ NNPACK for the 5x5 layers of config P (training 1.26x the reference, forward 1.7
 channels_last for the 3x3 layers of config S. Its Winograd/FFT results differ from
 oneDNN's by float32 rounding (relative ~1e-6); float64 never uses it.
 
+Where oneDNN runs in channels_last, large outputs are not allocated fresh: the
+batched input convolution writes into a zeroed block kept by :mod:`nowcast.nn.buffers`
+and :func:`conv2d_add_` adds a step's recurrent convolution into its input gates in
+place (oneDNN's fused sum), because blocks over 32 MiB come from ``mmap`` and the page
+faults and zeroing cost ~30% of a training step at config S (``docs/benchmarks.md``).
+
 ``NOWCAST_CPU_CONV`` (environment) or :func:`set_cpu_conv_backend` choose the policy:
 ``"auto"`` (default: benchmark per shape), ``"native"`` (always ``F.conv2d``) or
 ``"nnpack"`` (NNPACK wherever eligible).
