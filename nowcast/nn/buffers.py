@@ -4,8 +4,8 @@ A ConvLSTM training step on the CPU allocates several buffers of hundreds of MB
 (every layer's gates of all steps, their gradients, the hidden and cell states). glibc
 serves blocks that large (over 32 MiB) with a fresh ``mmap`` and returns them to the OS
 when freed, so every step paid for ~1.3 million page faults and the kernel zeroing
-5 GB at config S (B 8, T 20, 64x64, hidden [64, 64]): 4.7-5.5 s of system time in a
-13-15 s step. PyTorch's CPU allocator keeps nothing (its CUDA allocator caches), so the
+5 GB at config S (B 8, T 20, 64x64, hidden [64, 64]): 5.2-5.8 s of system time in a
+13.8-15.2 s step. PyTorch's CPU allocator keeps nothing (its CUDA allocator caches), so the
 layer keeps these buffers itself: :func:`empty` hands out a cached block that fits
 when nothing else uses it any more, else allocates one.
 
