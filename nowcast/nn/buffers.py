@@ -63,9 +63,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
             block = torch.UntypedStorage(nbytes)
         _blocks.append(block)
         out = torch.empty(0, dtype=dtype).set_(block, 0, shape)  # now in use
-        unused = [i for i, b in enumerate(_blocks) if _unused(b)]
-        for i in reversed(unused[: max(0, len(_blocks) - MAX_BUFFERS)]):
-            del _blocks[i]  # forget the least recently used unused blocks
+        if len(_blocks) > MAX_BUFFERS:  # forget the least recently used unused blocks
+            unused = [i for i, b in enumerate(_blocks) if _unused(b)]
+            for i in reversed(unused[: len(_blocks) - MAX_BUFFERS]):
+                del _blocks[i]
         return out
 
 

@@ -50,6 +50,7 @@ from nowcast.nn import buffers
 __all__ = [
     "conv2d",
     "conv2d_add_",
+    "conv2d_backward",
     "conv2d_input_grad",
     "fastest_memory_format",
     "get_cpu_conv_backend",
@@ -249,12 +250,8 @@ class _ConvIntoBuffer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, mask
-        )
-        return gx, gw, gb, None
+        return *conv2d_backward(grad, x, weight, ctx.padding, mask, ctx.has_bias), None
 
 
 def conv2d_add_(out: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:
@@ -277,6 +274,18 @@ def conv2d_add_(out: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int]
     return out.add_(conv2d(x, weight, None, padding))
 
 
+def conv2d_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int], mask: list[bool], bias: bool = False
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(dL/dx, dL/dweight, dL/dbias)`` of a stride-1, dilation-1 convolution
+    given ``grad = dL/dout``, those not in ``mask`` ``None``: torch's convolution backward
+    (oneDNN on the CPU). No autograd."""
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if bias else None, [1, 1], list(padding), [1, 1],
+        False, [0, 0], 1, mask,
+    )
+
+
 def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:
     """``dL/dx`` of ``conv2d(x, weight, padding=padding)`` given ``grad = dL/dout``.
 
@@ -292,9 +301,7 @@ def conv2d_input_grad(grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[in
         if _use_nnpack(grad, flipped, None, flipped_padding):
             return torch._nnpack_spatial_convolution(grad.contiguous(), flipped.contiguous(), None,
                                                      flipped_padding)
-    return torch.ops.aten.convolution_backward(
-        grad, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, [True, False, False]
-    )[0]
+    return conv2d_backward(grad, x, weight, padding, [True, False, False])[0]
 
 
 def fastest_memory_format(
@@ -346,8 +353,6 @@ def _conv_step(
     def step() -> None:
         conv2d(x, w, None, padding)
         conv2d_input_grad(grad, x, w, padding)
-        torch.ops.aten.convolution_backward(
-            grad, x, w, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1, [False, True, False]
-        )
+        conv2d_backward(grad, x, w, padding, [False, True, False])
 
     return step

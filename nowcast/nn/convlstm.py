@@ -38,7 +38,13 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from nowcast.nn import buffers
-from nowcast.nn.conv import conv2d, conv2d_add_, conv2d_input_grad, fastest_memory_format
+from nowcast.nn.conv import (
+    conv2d,
+    conv2d_add_,
+    conv2d_backward,
+    conv2d_input_grad,
+    fastest_memory_format,
+)
 
 Activation = str | Callable[[Tensor], Tensor]
 State = tuple[Tensor, Tensor]
@@ -233,7 +239,6 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
         w, h0, c0, hs, cs, tanh_cs, *gates = ctx.saved_tensors
         steps = hs.shape[0]
         n = w.shape[0] // 4
-        pad = list(ctx.padding)
         sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # g * y * (1 - y)
         tanh_backward = torch.ops.aten.tanh_backward.grad_input  # g * (1 - y^2)
         grad_x = _frames_like(gates[0], steps, 4 * n)  # (T, B, 4Ch, H, W), dL/dx_gates
@@ -271,13 +276,10 @@ class _FusedConvLSTMLayer(torch.autograd.Function):
             # when h0 is zero).
             grad_w = torch.zeros_like(w)
             if not ctx.zero_h0:
-                grad_w += torch.ops.aten.convolution_backward(
-                    grad_x[0], h0, w, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [False, True, False]
-                )[1]
+                grad_w += conv2d_backward(grad_x[0], h0, w, ctx.padding, [False, True, False])[1]
             if steps > 1:
-                grad_w += torch.ops.aten.convolution_backward(
-                    grad_x[1:].flatten(0, 1), hs[:-1].flatten(0, 1), w, None, [1, 1], pad,
-                    [1, 1], False, [0, 0], 1, [False, True, False],
+                grad_w += conv2d_backward(
+                    grad_x[1:].flatten(0, 1), hs[:-1].flatten(0, 1), w, ctx.padding, [False, True, False]
                 )[1]
             grad_w = grad_w.to(ctx.dtypes[0])
         grad_h0 = dh_rec.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
