@@ -64,7 +64,7 @@ def test_unused_blocks_are_forgotten_past_max_buffers(pool, monkeypatch):
     assert held[0].sum() == held[0].sum()  # a forgotten block stays valid while in use
 
 
-def test_small_and_non_cpu_tensors_bypass_the_pool():
+def test_small_tensors_bypass_the_pool():
     buffers.release()
     small = buffers.empty((8,), torch.float32)
     assert small.shape == (8,) and buffers.cached_bytes() == 0
