@@ -118,7 +118,7 @@ def test_log_file_on_rank_zero_only():
 
 
 # --------------------------------------------------------------- launcher and sbatch
-def test_slurm_launcher_config(tmp_path):
+def test_slurm_launcher_config(tmp_path, monkeypatch):
     cfg = compose_config("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                                    "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
                                    "hydra.launcher.timeout_min=30"], tmp_path)
@@ -134,6 +134,9 @@ def test_slurm_launcher_config(tmp_path):
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     base = set(OmegaConf.structured(BaseQueueConf).keys())
+    # Writing the sbatch text needs no SLURM, but submitit's executor refuses to start where
+    # `srun` is not on PATH (a CI machine): say there is one, for this text only.
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
                                   if k not in ("submitit_folder", "max_num_timeout")})
