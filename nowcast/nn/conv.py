@@ -108,6 +108,8 @@ def _nnpack_usable(weight: Tensor, padding: tuple[int, int]) -> bool:
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
+        # an even kernel's recurrent padding is the string "same" (asymmetric): not NNPACK's
+        and not isinstance(padding, str)
         and padding[0] >= 0
         and padding[1] >= 0
         and get_cpu_conv_backend() != "native"
