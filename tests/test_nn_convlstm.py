@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nowcast.nn import ConvLSTM2D, ConvLSTMCell
+from nowcast.nn import ConvLSTM2D, ConvLSTMCell, backend
 from nowcast.nn.convlstm import _FusedConvLSTMLayer
 
 torch.set_num_threads(1)  # tiny shapes: threading only adds overhead on a shared box
@@ -251,6 +251,7 @@ def test_one_channel_input_chunks_keep_the_first_layer_channels_last(monkeypatch
         return out
 
     monkeypatch.setattr(ConvLSTMCell, "input_conv", spy)
+    monkeypatch.setattr(backend.settings, "fused", True)  # chunked inference is a fast path
     model = ConvLSTM2D(1, [4, 3], 3, memory_format="channels_last", checkpoint_steps=3)
     x = torch.randn(2, 9, 1, 6, 6)
     if mode == "inference":
