@@ -14,14 +14,19 @@ The gate equations, with ``*`` a convolution and ``∘`` the Hadamard product::
 The peephole terms ``W_c· ∘ c`` are optional (``peephole=True``). Gates are stored in
 the order ``i, f, g(=c̃), o`` as in Keras and ``torch.nn.LSTM``.
 
-Why it is fast: the input-to-state convolution ``W_x* x_t`` does not depend on the
-recurrence, so :class:`ConvLSTM2D` runs it once over all ``B*T`` frames of a layer
-(one large convolution) and only the state-to-state convolution and the gate math run
-inside the time loop. In eager mode the recurrence of a default (tanh/sigmoid, no
-peephole) layer is one autograd node (:class:`_FusedConvLSTMLayer`) with a hand-written
-backward through time that computes the recurrent weight gradient of all steps as one
-convolution; frames are time-major and channels_last inside. Other configurations, and
-``torch.compile`` / ``torch.export``, run plain per-step tensor ops (which Inductor fuses).
+This file is the reference: read :meth:`ConvLSTMCell.recurrent_step` and
+:meth:`ConvLSTMCell._pointwise` for the equations, :meth:`ConvLSTM2D.forward` for the
+stack. One structural choice makes even the reference fast: the input-to-state
+convolution ``W_x* x_t`` does not depend on the recurrence, so :class:`ConvLSTM2D` runs
+it once over all ``T*B`` frames of a layer (one large convolution), and only the
+state-to-state convolution and the gate math run inside the time loop.
+
+The fast paths (the fused recurrence with hand-written backpropagation through time,
+chunked inference, the CPU kernel and layout choices, the buffer pool) live in
+:mod:`nowcast.nn.fused`, :mod:`nowcast.nn.conv` and :mod:`nowcast.nn.buffers`, and are
+switched by :data:`nowcast.nn.backend.settings` alone; ``with backend.reference():``
+runs this file's plain ops only. ``torch.compile`` / ``torch.export`` always trace the
+plain ops (which Inductor fuses).
 """
 
 from __future__ import annotations
@@ -34,18 +39,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from nowcast.nn import buffers
+from nowcast.nn import fused
 from nowcast.nn.backend import settings
-from nowcast.nn.conv import (
-    conv2d,
-    conv2d_add_,
-    conv2d_backward,
-    conv2d_input_grad,
-    fastest_memory_format,
+from nowcast.nn.conv import conv2d, fastest_memory_format
+from nowcast.nn.fused import (  # noqa: F401 - _FusedConvLSTMLayer: tests reach it here
+    _INFERENCE_CHUNK,
+    _FusedConvLSTMLayer,
+    _run_chunk,
+    _run_inference,
+    _timing_step,
 )
+from nowcast.nn.pooling import MaxPool3D  # noqa: F401 - was defined here
 
 Activation = str | Callable[[Tensor], Tensor]
 State = tuple[Tensor, Tensor]
@@ -55,6 +61,9 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
     # Keras 3 definition: relu6(x + 3) / 6, the same as torch's hardsigmoid.
     "hard_sigmoid": F.hardsigmoid,
+    # Keras 2 / tf.keras definition, clip(0.2 x + 0.5, 0, 1): what models saved with them
+    # used (the default recurrent activation of their ConvLSTM2D).
+    "hard_sigmoid_keras2": lambda x: (0.2 * x + 0.5).clamp(0.0, 1.0),
     "relu": F.relu,
     # torch's default slope; pass torch.nn.LeakyReLU(negative_slope=...) for another.
     "leaky_relu": F.leaky_relu,
@@ -62,13 +71,18 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def get_activation(activation: Activation) -> Callable[[Tensor], Tensor]:
-    """Resolve an activation given by name or as a callable (e.g. ``nn.LeakyReLU(0.2)``)."""
+def get_activation(activation: Activation | None) -> Callable[[Tensor], Tensor]:
+    """Resolve an activation given by name (Keras names; ``None`` is ``"linear"``, as in
+    Keras) or as a callable (e.g. ``nn.LeakyReLU(0.2)``)."""
     if callable(activation):
         return activation
+    if activation is None:
+        activation = "linear"
     if activation not in _ACTIVATIONS:
         raise ValueError(
             f"unknown activation {activation!r}; expected one of {sorted(_ACTIVATIONS)} "
+            "(None = 'linear'; 'hard_sigmoid' is Keras 3's relu6(x + 3) / 6, "
+            "'hard_sigmoid_keras2' the clip(0.2 x + 0.5, 0, 1) of Keras 2 / tf.keras) "
             "or a callable such as torch.nn.LeakyReLU(negative_slope=0.2)"
         )
     return _ACTIVATIONS[activation]
@@ -123,178 +137,6 @@ def _fx_tracing() -> bool:
     return bool(check()) if check is not None else False
 
 
-def _frames_like(like: Tensor, steps: int, channels: int) -> Tensor:
-    """Empty ``(T, B, channels, H, W)`` buffer whose frames ``[t]`` have the memory format
-    (contiguous or channels_last) of ``like`` ``(B, *, H, W)``, so ``[t]`` and
-    ``.flatten(0, 1)`` are views a convolution reads without a copy. Large CPU buffers
-    come from :mod:`nowcast.nn.buffers` (kept between training steps)."""
-    b, _, h, w = like.shape
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
-        memory_format=torch.channels_last
-    ):
-        buf = buffers.empty((steps, b, h, w, channels), like.dtype, like.device)  # (T, B, H, W, C)
-        return buf.permute(0, 1, 4, 2, 3)  # (T, B, C, H, W) view
-    return buffers.empty((steps, b, channels, h, w), like.dtype, like.device)
-
-
-def _gate_scale(like: Tensor, n: int) -> Tensor:
-    """``(1, 4*n, 1, 1)`` factors ``[1, 1, 2, 1]`` per gate block ``i, f, g, o``."""
-    scale = like.new_ones(4, n)
-    scale[2] = 2.0
-    return scale.view(1, 4 * n, 1, 1)
-
-
-def _tanh_(x: Tensor) -> Tensor:
-    """In-place ``tanh(x) = 2 sigmoid(2x) - 1``: torch's CPU sigmoid is several times
-    faster than its tanh, and the identity is exact up to rounding."""
-    return x.mul_(2).sigmoid_().mul_(2).sub_(1)
-
-
-def _lstm_forward(
-    x_gates: Tensor, weight_h: Tensor, padding: tuple[int, int], h0: Tensor, c0: Tensor, save: bool,
-    zero_h0: bool = False, consume: bool = False,
-) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None, Tensor | None]:
-    """The recurrence of one tanh/sigmoid layer without peepholes, without autograd.
-
-    ``x_gates`` ``(T, B, 4*Ch, H, W)`` are the input-to-state pre-activations (bias
-    included). Returns ``hs`` ``(T, B, Ch, H, W)``, ``c_T``, and for the backward the
-    gates ``sigmoid(a_i), sigmoid(a_f), sigmoid(2 a_g), sigmoid(a_o)`` of every step and
-    every ``c_t`` and ``tanh(c_t)`` (the last three empty unless ``save``). ``zero_h0``
-    says ``h0`` is zero (the default initial state): the first recurrent convolution,
-    which would return zeros, is skipped. ``consume`` lets the gates of step ``t``
-    overwrite ``x_gates[t]``: the recurrent convolution is added into it in place
-    (:func:`~nowcast.nn.conv.conv2d_add_`), so a step allocates nothing.
-
-    Why so: all four gates go through one sigmoid over the whole contiguous gate
-    tensor (``tanh(a) = 2 sigmoid(2a) - 1``, the factor 2 folded into the recurrent
-    weight and the one pass that adds the input gates), instead of four activations on
-    strided channel slices, which cost ~3x more per element in channels_last. The math
-    writes into preallocated buffers, so a step allocates only the convolution output
-    (nothing with ``consume``).
-    """
-    steps = x_gates.shape[0]
-    n = weight_h.shape[0] // 4
-    scale = _gate_scale(weight_h, n)  # (1, 4Ch, 1, 1)
-    weight_2g = weight_h * scale.view(-1, 1, 1, 1)  # g rows doubled
-    hs = _frames_like(h0, steps, n)  # (T, B, Ch, H, W)
-    cs = _frames_like(c0, steps, n) if save else None
-    tanh_cs = _frames_like(c0, steps, n) if save else None
-    saved_gates: list[Tensor] = []
-    # without save: c_t in turns in two buffers, tanh(c_t) in a third (no allocation per step)
-    c_bufs = [] if save else [torch.empty_like(c0) for _ in range(3)]
-    h, c = h0, c0
-    for t in range(steps):
-        if consume:  # the gates overwrite x_gates[t]: no allocation per step
-            gates = x_gates[t].mul_(scale)  # (B, 4*Ch, H, W)
-            if t > 0 or not zero_h0:
-                conv2d_add_(gates, h, weight_2g, padding)
-        elif t == 0 and zero_h0:
-            gates = torch.mul(x_gates[0], scale)
-        else:
-            gates = conv2d(h, weight_2g, None, padding).addcmul_(x_gates[t], scale)
-        gates.sigmoid_()  # a_i, a_f, 2 a_g, a_o -> sigmoids
-        i, f, s_g, o = gates.split(n, dim=1)  # each (B, Ch, H, W)
-        c_next = cs[t] if save else c_bufs[t % 2]
-        torch.mul(f, c, out=c_next)
-        c_next.addcmul_(i, s_g, value=2).sub_(i)  # += i * g with g = 2 s_g - 1
-        tanh_c = tanh_cs[t] if save else c_bufs[2]
-        _tanh_(torch.mul(c_next, 1, out=tanh_c))
-        torch.mul(o, tanh_c, out=hs[t])
-        if save:
-            saved_gates.append(gates)
-        h, c = hs[t], c_next
-    return hs, c, saved_gates, cs, tanh_cs
-
-
-class _FusedConvLSTMLayer(torch.autograd.Function):
-    """The whole recurrence of one layer (tanh/sigmoid, no peepholes) as one autograd node.
-
-    Forward: ``(x_gates (T, B, 4Ch, H, W), weight_h, h0, c0) -> (hs (T, B, Ch, H, W), c_T)``;
-    ``zero_h0`` and ``consume`` as in :func:`_lstm_forward` (with ``consume`` the caller
-    hands over ``x_gates``, which nothing else may read afterwards).
-
-    Why: step-by-step autograd records ~15 nodes per step, each allocating full-size
-    gradients, and computes the recurrent weight gradient as T small convolutions. Here
-    the backward runs hand-derived BPTT: per step only the pointwise derivatives (with
-    ATen's one-pass ``sigmoid_backward``/``tanh_backward``) and the input-gradient
-    convolution, writing ``dL/dx_gates`` straight into one buffer (which is also the
-    gradient of the input-to-state convolution: no stack/unbind copies), then the weight
-    gradient of all steps as one large convolution-backward over ``T*B`` frames.
-    """
-
-    @staticmethod
-    def forward(ctx, x_gates: Tensor, weight_h: Tensor, h0: Tensor, c0: Tensor, padding: tuple[int, int],  # type: ignore[override]
-                zero_h0: bool = False, consume: bool = False):
-        ctx.set_materialize_grads(False)  # unused outputs get None, not zero tensors
-        # Compute in the dtype of the gates: under autocast the input convolution ran in
-        # bf16/fp16, and the recurrence follows (as autocast does for the step-wise path).
-        dtype = x_gates.dtype
-        ctx.padding = padding
-        ctx.zero_h0 = zero_h0
-        ctx.dtypes = (weight_h.dtype, h0.dtype, c0.dtype)  # of the gradients to return
-        w, h0, c0 = weight_h.to(dtype), h0.to(dtype), c0.to(dtype)
-        if consume:  # its memory becomes the saved gates; no autograd history on them
-            x_gates = x_gates.detach()
-        hs, c_last, gates, cs, tanh_cs = _lstm_forward(x_gates, w, padding, h0, c0, True, zero_h0, consume)
-        ctx.save_for_backward(w, h0, c0, hs, cs, tanh_cs, *gates)
-        # c_T is a view of the saved buffer; hand out a copy so in-place changes by the
-        # caller cannot corrupt what the backward reads.
-        return hs, c_last.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_hs: Tensor | None, grad_c: Tensor | None):  # type: ignore[override]
-        w, h0, c0, hs, cs, tanh_cs, *gates = ctx.saved_tensors
-        steps = hs.shape[0]
-        n = w.shape[0] // 4
-        sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # g * y * (1 - y)
-        tanh_backward = torch.ops.aten.tanh_backward.grad_input  # g * (1 - y^2)
-        grad_x = _frames_like(gates[0], steps, 4 * n)  # (T, B, 4Ch, H, W), dL/dx_gates
-        dc = torch.zeros_like(c0) if grad_c is None else grad_c.to(c0.dtype).clone()
-        dh_rec: Tensor | None = None  # dL/dh_t through the recurrent convolution of step t+1
-        tmp = torch.empty_like(c0)
-        for t in reversed(range(steps)):
-            if grad_hs is None:
-                dh = dh_rec if dh_rec is not None else torch.zeros_like(c0)
-            elif dh_rec is None:
-                dh = grad_hs[t]
-            else:
-                dh = dh_rec.add_(grad_hs[t])
-            i, f, s_g, o = gates[t].split(n, dim=1)  # saved sigmoids, each (B, Ch, H, W)
-            tanh_c = tanh_cs[t]
-            c_prev = c0 if t == 0 else cs[t - 1]
-            di, df, dg, do = grad_x[t].split(n, dim=1)
-            # h = o tanh(c):  da_o = sigmoid'(dh tanh c);  dc += tanh'(dh o)
-            sigmoid_backward(torch.mul(dh, tanh_c, out=tmp), o, grad_input=do)
-            dc.add_(tanh_backward(torch.mul(dh, o, out=tmp), tanh_c, grad_input=tmp))
-            # c = f c_prev + i g with g = 2 s_g - 1 = tanh(a_g)
-            torch.mul(dc, s_g, out=tmp).mul_(2).sub_(dc)  # dc * g
-            sigmoid_backward(tmp, i, grad_input=di)
-            sigmoid_backward(torch.mul(dc, c_prev, out=tmp), f, grad_input=df)
-            # da_g = dc i (1 - g^2) = 4 dc i s_g (1 - s_g)
-            sigmoid_backward(torch.mul(dc, i, out=tmp).mul_(4), s_g, grad_input=dg)
-            dc.mul_(f)  # dL/dc_{t-1}
-            h_prev = h0 if t == 0 else hs[t - 1]
-            if t > 0 or ctx.needs_input_grad[2]:
-                dh_rec = conv2d_input_grad(grad_x[t], h_prev, w, ctx.padding)
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            # All steps' weight gradients in one convolution-backward over T*B frames
-            # (a larger GEMM than T small ones), plus step 0 whose input is h0 (none
-            # when h0 is zero).
-            grad_w = torch.zeros_like(w)
-            if not ctx.zero_h0:
-                grad_w += conv2d_backward(grad_x[0], h0, w, ctx.padding, [False, True, False])[1]
-            if steps > 1:
-                grad_w += conv2d_backward(
-                    grad_x[1:].flatten(0, 1), hs[:-1].flatten(0, 1), w, ctx.padding, [False, True, False]
-                )[1]
-            grad_w = grad_w.to(ctx.dtypes[0])
-        grad_h0 = dh_rec.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
-        grad_c0 = dc.to(ctx.dtypes[2]) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_h0, grad_c0, None, None, None
-
-
 class ConvLSTMCell(nn.Module):
     """One ConvLSTM time step.
 
@@ -343,8 +185,13 @@ class ConvLSTMCell(nn.Module):
             raise ValueError(
                 f"in_channels and hidden_channels must be >= 1, got {in_channels}, {hidden_channels}"
             )
+        if isinstance(padding, str):
+            padding = padding.lower()  # Keras configs say "same", "SAME" or "Same"
         if not (padding in ("same", "valid") or (isinstance(padding, int) and padding >= 0)):
-            raise ValueError(f"padding must be 'same', 'valid' or an int >= 0, got {padding!r}")
+            raise ValueError(
+                f"padding must be 'same' or 'valid' (any case, as in Keras) or an int >= 0, "
+                f"got {padding!r}"
+            )
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -441,15 +288,19 @@ class ConvLSTMCell(nn.Module):
         zeros = zeros.contiguous(memory_format=_memory_format(x_gates))
         return zeros, zeros
 
-    def recurrent_step(self, x_gates: Tensor, state: State) -> State:
+    def recurrent_step(self, x_gates: Tensor, state: State, h_mask: Tensor | None = None) -> State:
         """Advance one step given precomputed input gates ``(B, 4*Ch, H', W')``, with
-        plain tensor ops (what torch.compile / torch.export trace and fuse)."""
+        plain tensor ops (what torch.compile / torch.export trace and fuse). ``h_mask``
+        (``(B, Ch, H', W')``, recurrent dropout) multiplies ``h`` before its convolution."""
         h, c = state
+        if h_mask is not None:
+            h = h * h_mask  # (B, Ch, H', W')
         h_gates = F.conv2d(h, self.weight_h, None, 1, self._h_padding)  # (B, 4*Ch, H', W')
         return self._pointwise(x_gates + h_gates, c)
 
     def run(
-        self, x_gates: Tensor, state: State, zero_state: bool = False, consume: bool = False
+        self, x_gates: Tensor, state: State, zero_state: bool = False, consume: bool = False,
+        h_mask: Tensor | None = None,
     ) -> tuple[Tensor, State]:
         """Run the recurrence over precomputed input gates.
 
@@ -467,27 +318,19 @@ class ConvLSTMCell(nn.Module):
             ``x_gates`` may be overwritten (the layer then computes each step's gates in
             its memory instead of a new buffer); for callers that own it and do not read
             it afterwards.
+        h_mask
+            Recurrent dropout: ``(B, Ch, H', W')`` multiplies ``h`` before every recurrent
+            convolution (one mask for all steps and gates, as Keras).
 
         Returns
         -------
         ``hs`` ``(T, B, Ch, H', W')`` and the final ``(h, c)``.
         """
-        if self._fusable and settings.fused and not _is_tracing():
-            if torch.is_grad_enabled():
-                hs, c = _FusedConvLSTMLayer.apply(
-                    x_gates, self.weight_h, *state, self._h_padding, zero_state, consume
-                )
-            else:  # inference: same in-place loop, nothing saved
-                dtype = x_gates.dtype
-                hs, c, *_ = _lstm_forward(
-                    x_gates, self.weight_h.to(dtype), self._h_padding,
-                    state[0].to(dtype), state[1].to(dtype), save=False, zero_h0=zero_state,
-                    consume=consume,
-                )
-            return hs, (hs[-1], c)
+        if h_mask is None and fused.applies(self):  # the fast path: same equations
+            return fused.run(self, x_gates, state, zero_state, consume)
         hs_list = []
         for xg in x_gates.unbind(0):  # unbind: its backward is one stack, not T zero-fills
-            state = self.recurrent_step(xg, state)
+            state = self.recurrent_step(xg, state, h_mask)
             hs_list.append(state[0])
         return torch.stack(hs_list), state  # (T, B, Ch, H', W')
 
@@ -614,8 +457,21 @@ class ConvLSTM2D(nn.Module):
         Number of layers; inferred from the per-layer lists when ``None``.
     bias, peephole, activation, recurrent_activation, forget_bias
         As in :class:`ConvLSTMCell`, shared by all layers.
-    dropout
-        Dropout on the outputs of every layer but the last (as ``torch.nn.LSTM``).
+    dropout, recurrent_dropout
+        Keras-style dropout inside every layer while training: a fraction of the input
+        frame's units (``dropout``) and of ``h`` before the recurrent convolution
+        (``recurrent_dropout``) is zeroed, one mask per sequence for all steps and gates.
+        A ``recurrent_dropout`` layer runs step by step (not the fused fast path).
+    layer_dropout
+        Dropout on the outputs of every layer but the last (as ``torch.nn.LSTM``'s
+        ``dropout``).
+    go_backwards
+        Process the sequence last frame first and return the outputs in that order
+        (Keras ``go_backwards``).
+    state_layout
+        Layout of the returned states (and of ``initial_state``): ``"channels_first"``
+        ``(B, Ch, H', W')`` (default), or ``"data_format"``, which with
+        ``data_format="channels_last"`` is Keras's ``(B, H', W', Ch)``.
     data_format
         ``"channels_first"``: input and output ``(B, T, C, H, W)``;
         ``"channels_last"``: ``(B, T, H, W, C)``.
@@ -664,6 +520,10 @@ class ConvLSTM2D(nn.Module):
         recurrent_activation: Activation = "sigmoid",
         forget_bias: float = 1.0,
         dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        layer_dropout: float = 0.0,
+        go_backwards: bool = False,
+        state_layout: Literal["channels_first", "data_format"] = "channels_first",
         data_format: Literal["channels_first", "channels_last"] = "channels_first",
         return_sequences: bool = True,
         return_state: bool = False,
@@ -682,8 +542,16 @@ class ConvLSTM2D(nn.Module):
             raise ValueError(
                 f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, value in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout),
+                            ("layer_dropout", layer_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if recurrent_dropout and checkpoint_steps:
+            raise ValueError("recurrent_dropout and checkpoint_steps cannot be combined")
+        if state_layout not in ("channels_first", "data_format"):
+            raise ValueError(
+                f"state_layout must be 'channels_first' or 'data_format', got {state_layout!r}"
+            )
         n = _num_layers(
             num_layers,
             hidden_channels=hidden_channels,
@@ -708,6 +576,10 @@ class ConvLSTM2D(nn.Module):
         self.stateful = stateful
         self.checkpoint_steps = checkpoint_steps
         self.dropout = dropout
+        self.recurrent_dropout = recurrent_dropout
+        self.layer_dropout = layer_dropout
+        self.go_backwards = go_backwards
+        self.state_layout = state_layout
         self.memory_format = memory_format
         self.cells = nn.ModuleList()
         size = None if frame_size is None else _pair(frame_size, "frame_size")  # type: ignore[arg-type]
@@ -803,6 +675,10 @@ class ConvLSTM2D(nn.Module):
         """
         x = self._check_input(x)
         b, t = x.shape[:2]
+        if self.go_backwards:
+            x = x.flip(1)  # (B, T, C, H, W), last frame first
+        if initial_state is not None:
+            initial_state = [self._state_in(s) for s in initial_state]
         if initial_state is None and self.stateful and self._state is not None:
             initial_state = self._state
         if initial_state is not None and len(initial_state) != self.num_layers:
@@ -817,9 +693,14 @@ class ConvLSTM2D(nn.Module):
         outputs: list[Tensor] = []
         states: list[State] = []
         checkpointing = self.checkpoint_steps > 0 and torch.is_grad_enabled() and self.training
-        inference = not torch.is_grad_enabled() and settings.fused and not _is_tracing()
+        recurrent_dropout = self.recurrent_dropout > 0 and self.training
+        inference = (not torch.is_grad_enabled() and settings.fused and not _is_tracing()
+                     and not recurrent_dropout)
         formats = self._layer_formats(b, *x.shape[-2:])
         for layer, cell in enumerate(self.cells):
+            if self.dropout and self.training:  # Keras: one input mask for all steps
+                mask = F.dropout(frames.new_ones(1, b, *frames.shape[1:]), self.dropout)  # (1, B, C, H, W)
+                frames = (frames.unflatten(0, (t, b)) * mask).flatten(0, 1)  # (T*B, C, H, W)
             # .to, not .contiguous: a one-channel input is contiguous in both layouts, and
             # .contiguous keeps its NCHW strides, from which the convolution's output and
             # so the whole layer would follow NCHW (measured ~1.3x slower per step at S).
@@ -847,11 +728,14 @@ class ConvLSTM2D(nn.Module):
             elif inference:
                 hs, state = _run_inference(cell, frames.unflatten(0, (t, b)), x_gates, state, zero, formats[layer])
             else:
-                hs, state = cell.run(x_gates, state, zero, consume=True)  # hs: (T, B, Ch, H', W')
+                h_mask = None
+                if recurrent_dropout:  # Keras: one mask on h for all steps and gates
+                    h_mask = F.dropout(torch.ones_like(state[0]), self.recurrent_dropout)  # (B, Ch, H', W')
+                hs, state = cell.run(x_gates, state, zero, consume=True, h_mask=h_mask)  # hs: (T, B, Ch, H', W')
             states.append(state)
             outputs.append(hs)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                hs = F.dropout(hs, self.dropout, training=True)
+            if self.layer_dropout and self.training and layer < self.num_layers - 1:
+                hs = F.dropout(hs, self.layer_dropout, training=True)
             frames = hs.flatten(0, 1)  # (T*B, Ch, H', W'), a view
         if self.stateful:
             # clone: h is a view of the layer's whole (T, B, ...) output buffer
@@ -862,8 +746,23 @@ class ConvLSTM2D(nn.Module):
 
         result = [finish(y) for y in outputs] if self.return_all_layers else finish(outputs[-1])
         if self.return_state:
-            return result, states
+            return result, [self._state_out(s) for s in states]
         return result
+
+    def _keras_states(self) -> bool:
+        return self.state_layout == "data_format" and self.data_format == "channels_last"
+
+    def _state_in(self, state: State) -> State:
+        """An initial ``(h, c)`` in ``state_layout`` -> ``(B, Ch, H', W')`` each."""
+        if self._keras_states() and isinstance(state, (tuple, list)):
+            return tuple(s.permute(0, 3, 1, 2) if s.dim() == 4 else s for s in state)  # type: ignore[return-value]
+        return state
+
+    def _state_out(self, state: State) -> State:
+        """``(h, c)`` ``(B, Ch, H', W')`` -> the layout of ``state_layout``."""
+        if self._keras_states():
+            return tuple(s.permute(0, 2, 3, 1) for s in state)  # type: ignore[return-value]  # (B, H', W', Ch)
+        return state
 
     def _run_checkpointed(
         self, cell: ConvLSTMCell, frames: Tensor, state: State, zero_state: bool, fmt: torch.memory_format
@@ -936,11 +835,15 @@ class ConvLSTM2D(nn.Module):
         return weights
 
     @torch.no_grad()
-    def set_weights(self, weights: Sequence[dict[str, np.ndarray]]) -> None:
-        """Load weights in the layout of :meth:`get_weights` (shapes are checked)."""
-        if len(weights) != self.num_layers:
-            raise ValueError(f"expected weights for {self.num_layers} layers, got {len(weights)}")
-        for layer, (cell, w) in enumerate(zip(self.cells, weights)):
+    def set_weights(self, weights: Sequence) -> None:
+        """Load weights in the Keras ``ConvLSTM2D`` layout (shapes are checked).
+
+        ``weights`` is one entry per layer, each either the dict of :meth:`get_weights`
+        or Keras's list ``[kernel, recurrent_kernel, bias]`` (``layer.get_weights()``;
+        no ``bias`` with ``bias=False``); or one flat list of arrays, e.g. a single Keras
+        layer's ``get_weights()`` for a one-layer stack, or several layers' concatenated.
+        """
+        for layer, (cell, w) in enumerate(zip(self.cells, self._weights_per_layer(weights), strict=True)):
             pairs = [
                 ("kernel", cell.weight_x, (2, 3, 1, 0)),
                 ("recurrent_kernel", cell.weight_h, (2, 3, 1, 0)),
@@ -958,6 +861,12 @@ class ConvLSTM2D(nn.Module):
                     raise ValueError(f"layer {layer}: missing {key!r}; got keys {sorted(w)}")
                 value = torch.as_tensor(np.asarray(w[key]))
                 if perm is not None:
+                    if value.dim() != 4:
+                        raise ValueError(
+                            f"layer {layer} {key}: expected shape "
+                            f"{tuple(param.permute(*perm).shape)} (kh, kw, C_in, 4*Ch), "
+                            f"got {tuple(value.shape)}"
+                        )
                     value = value.permute(3, 2, 0, 1)  # (kh, kw, Cin, 4Ch) -> (4Ch, Cin, kh, kw)
                 if value.shape != param.shape:
                     raise ValueError(
@@ -967,137 +876,158 @@ class ConvLSTM2D(nn.Module):
                     )
                 param.copy_(value)
 
+    def _weights_per_layer(self, weights: Sequence) -> list[dict]:
+        """Normalise the forms :meth:`set_weights` accepts to one dict per layer."""
+        def is_array(v) -> bool:
+            return isinstance(v, (np.ndarray, Tensor)) or (
+                hasattr(v, "shape") and hasattr(v, "__array__"))
 
-def _timing_step(
-    cell: ConvLSTMCell, b: int, frame: tuple[int, int, int], fmt: torch.memory_format
-) -> Callable[[], None]:
-    """A two-step training pass of ``cell`` on random ``b`` x ``frame`` ``(C, H, W)``
-    inputs in layout ``fmt`` (what ``memory_format="auto"`` times): the input
-    convolution, the recurrence and all their gradients, the parameters' ``.grad`` left
-    alone. (A one-step pass, half the cost, ranked the layouts of config S the other way
-    round from its full training step.)"""
-    # Also when the layer is first called under torch.inference_mode (evaluation), whose
-    # tensors autograd cannot use.
-    with torch.inference_mode(False):
-        frames = torch.randn(2 * b, *frame, dtype=cell.weight_h.dtype).to(memory_format=fmt)
-    inputs = [frames.requires_grad_(), *(p for p in cell.parameters() if p.requires_grad)]
-
-    def step() -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            x_gates = cell.input_conv(frames).unflatten(0, (2, b))  # (2, B, 4Ch, H', W')
-            hs, _ = cell.run(x_gates, cell.init_state(x_gates[0]), consume=True)
-            torch.autograd.grad(hs, inputs, torch.ones_like(hs), allow_unused=True)
-
-    return step
-
-
-#: Time steps whose input-to-state convolutions run together in inference (no autograd).
-_INFERENCE_CHUNK = 4
-
-
-def _run_inference(
-    cell: ConvLSTMCell, frames: Tensor, first: Tensor, state: State, zero_state: bool,
-    fmt: torch.memory_format,
-) -> tuple[Tensor, State]:
-    """The recurrence without autograd, its input gates computed a few steps at a time.
-
-    ``frames`` ``(T, B, C, H, W)``, ``first`` the input gates of the first chunk
-    ``(k, B, 4Ch, H', W')`` -> ``hs`` ``(T, B, Ch, H', W')`` and the final ``(h, c)``.
-
-    Why: the gates of all steps at once are ``4 Ch / C`` times the input (671 MB for B 8,
-    T 20, 64x64, 64 hidden channels, from a 1-channel input). Nothing needs them after
-    the step that reads them, and a buffer that large is handed back to the OS when
-    freed, so every forward paid ~160k page faults for it (ConvLSTM2D S forward: 4.0 s,
-    of which 1.1 s in the kernel, against 3.3 s in chunks of 4 steps). Chunks keep the
-    batched convolution's efficiency and reuse the same memory.
-    """
-    steps, k = frames.shape[0], first.shape[0]
-    hs_first, state = cell.run(first, state, zero_state, consume=True)
-    if k >= steps:
-        return hs_first, state
-    hs = _frames_like(hs_first[0], steps, cell.hidden_channels)  # (T, B, Ch, H', W')
-    hs[:k].copy_(hs_first)
-    c = state[1]
-    for start in range(k, steps, k):
-        out, c = _run_chunk(cell, frames[start : start + k], hs[start - 1], c, False, fmt)
-        hs[start : start + out.shape[0]].copy_(out)
-    return hs, (hs[-1], c)
-
-
-def _run_chunk(
-    cell: ConvLSTMCell, frames: Tensor, h: Tensor, c: Tensor, zero_state: bool, fmt: torch.memory_format
-) -> tuple[Tensor, Tensor]:
-    """One chunk: ``frames`` ``(k, B, C, H, W)`` -> ``(hs, c_k)``, the layer in layout ``fmt``."""
-    # .to as in ConvLSTM2D.forward: flatten gives one-channel frames NCHW strides again
-    x = frames.flatten(0, 1).to(memory_format=fmt)
-    x_gates = cell.input_conv(x).unflatten(0, frames.shape[:2])  # (k, B, 4Ch, H', W')
-    hs, (_, c) = cell.run(x_gates, (h, c), zero_state, consume=True)
-    return hs, c
-
-
-class MaxPool3D(nn.Module):
-    """Max pooling over time, height and width of a ``(B, T, C, H, W)`` sequence.
-
-    ``data_format="channels_last"`` takes and returns ``(B, T, H, W, C)``. Sizes must
-    fit the pooling exactly (``(size - pool) % stride == 0``) unless ``ceil_mode=True``,
-    which keeps the partial windows at the end.
-    """
-
-    def __init__(
-        self,
-        pool_size: int | Sequence[int] = (2, 2, 2),
-        stride: int | Sequence[int] | None = None,
-        data_format: Literal["channels_first", "channels_last"] = "channels_first",
-        ceil_mode: bool = False,
-    ) -> None:
-        super().__init__()
-        self.pool_size = _triple(pool_size, "pool_size")
-        self.stride = self.pool_size if stride is None else _triple(stride, "stride")
-        if data_format not in ("channels_first", "channels_last"):
-            raise ValueError(
-                f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}"
-            )
-        self.data_format = data_format
-        self.ceil_mode = ceil_mode
-
-    def extra_repr(self) -> str:
-        return f"pool_size={self.pool_size}, stride={self.stride}, ceil_mode={self.ceil_mode}"
-
-    def output_size(self, t: int, h: int, w: int) -> tuple[int, int, int]:
-        """``(T', H', W')`` after pooling, or ``ValueError`` if a size does not fit."""
-        out = []
-        for name, size, k, s in zip(("T", "H", "W"), (t, h, w), self.pool_size, self.stride):
-            if size < k and not self.ceil_mode:
-                raise ValueError(f"MaxPool3D: {name}={size} is smaller than the pool size {k}")
-            if (size - k) % s and not self.ceil_mode:
+        names = ["kernel", "recurrent_kernel"] + (["bias"] if self.cells[0].bias is not None else [])
+        if self.cells[0].peephole:
+            names += ["peephole_i", "peephole_f", "peephole_o"]
+        weights = list(weights)
+        if weights and all(is_array(v) for v in weights):  # one flat list of arrays
+            want = len(names) * self.num_layers
+            if len(weights) != want:
                 raise ValueError(
-                    f"MaxPool3D: {name}={size} does not fit pool {k} with stride {s} "
-                    f"((size - pool) % stride != 0); use sizes that divide or ceil_mode=True"
+                    f"expected {want} arrays ({', '.join(names)} for each of "
+                    f"{self.num_layers} layer(s)), got {len(weights)}"
                 )
-            n = math.ceil((size - k) / s) + 1 if self.ceil_mode else (size - k) // s + 1
-            out.append(max(n, 1))
-        return tuple(out)  # type: ignore[return-value]
+            weights = [weights[i : i + len(names)] for i in range(0, want, len(names))]
+        if len(weights) != self.num_layers:
+            raise ValueError(f"expected weights for {self.num_layers} layers, got {len(weights)}")
+        out = []
+        for layer, w in enumerate(weights):
+            if isinstance(w, dict):
+                out.append(w)
+            elif isinstance(w, (list, tuple)):
+                if len(w) != len(names):
+                    raise ValueError(
+                        f"layer {layer}: expected {len(names)} arrays ({', '.join(names)}), got {len(w)}"
+                    )
+                out.append(dict(zip(names, w, strict=True)))
+            else:
+                raise ValueError(
+                    f"layer {layer}: expected a dict or a list of arrays, got {type(w).__name__}"
+                )
+        return out
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, C, H, W)`` -> ``(B, T', C, H', W')`` (or the channels_last layouts)."""
-        if x.dim() != 5:
-            layout = "(B, T, C, H, W)" if self.data_format == "channels_first" else "(B, T, H, W, C)"
-            raise ValueError(f"expected {layout}, got {tuple(x.shape)}")
-        if self.data_format == "channels_last":
-            x = x.permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
-        else:
-            x = x.transpose(1, 2)  # (B, C, T, H, W)
-        self.output_size(*x.shape[2:])
-        y = F.max_pool3d(x, self.pool_size, self.stride, ceil_mode=self.ceil_mode)  # (B, C, T', H', W')
-        if self.data_format == "channels_last":
-            return y.permute(0, 2, 3, 4, 1)
-        return y.transpose(1, 2)
+    # -- Keras configs -------------------------------------------------------------------
+    @classmethod
+    def from_keras_config(
+        cls, config: dict, in_channels: int | None = None, keras_version: int = 3,
+        strict: bool = True,
+    ) -> ConvLSTM2D:
+        """Build the layer a Keras ``ConvLSTM2D`` config dict describes (``layer.get_config()``
+        or the ``"config"`` of a layer in a saved model's JSON), one layer::
+
+            layer = ConvLSTM2D.from_keras_config(keras_layer.get_config(), in_channels=3)
+            layer.set_weights(keras_layer.get_weights())
+
+        ``in_channels`` may be left out where the config carries the input shape
+        (``build_config``). ``keras_version=2`` reads ``"hard_sigmoid"`` as Keras 2 /
+        tf.keras's ``clip(0.2 x + 0.5, 0, 1)``. Options this layer cannot reproduce
+        (regularizers, constraints, initializers other than Keras's defaults, masking
+        options) are each named in one ``ValueError`` (a warning with ``strict=False``).
+        """
+        return cls(**keras_config_kwargs(config, in_channels, keras_version, strict))
 
 
-def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (value, value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"{name} must be an int or (t, h, w), got {value!r}")
-    return value  # type: ignore[return-value]
+# -- Keras configs ---------------------------------------------------------------------
+#: Keras ConvLSTM2D options without effect on the layer's function here.
+_KERAS_IGNORED = {"name", "trainable", "dtype", "seed", "unroll", "build_config", "compile_config"}
+_KERAS_DEFAULT_INITIALIZERS = {
+    "kernel_initializer": "GlorotUniform",
+    "recurrent_initializer": "Orthogonal",
+    "bias_initializer": "Zeros",
+}
+
+
+def _keras_name(value) -> str | None:
+    """``"tanh"``, or the class/function name of a serialised Keras object."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        config = value.get("config")
+        if isinstance(config, str):  # {"class_name": "function", "config": "tanh"}
+            return config
+        return value.get("class_name")
+    raise ValueError(f"cannot read a Keras name from {value!r}")
+
+
+def keras_config_kwargs(
+    config: dict, in_channels: int | None = None, keras_version: int = 3, strict: bool = True
+) -> dict:
+    """The :class:`ConvLSTM2D` arguments for a Keras ``ConvLSTM2D`` config (see
+    :meth:`ConvLSTM2D.from_keras_config`)."""
+    import warnings
+
+    config = dict(config.get("config", config)) if "class_name" in config else dict(config)
+    if "filters" not in config:
+        raise ValueError(f"not a Keras ConvLSTM2D config: no 'filters' (keys: {sorted(config)})")
+    if in_channels is None:
+        shape = (config.get("build_config") or {}).get("input_shape")
+        if shape:
+            channels_last = config.get("data_format", "channels_last") == "channels_last"
+            in_channels = shape[-1] if channels_last else shape[2]
+    if in_channels is None:
+        raise ValueError("the Keras config has no input shape: pass in_channels")
+    problems = []
+    for key in ("kernel_regularizer", "recurrent_regularizer", "bias_regularizer",
+                "activity_regularizer", "kernel_constraint", "recurrent_constraint",
+                "bias_constraint"):
+        if config.get(key) is not None:
+            problems.append(f"{key}={_keras_name(config[key])!r} (not supported)")
+    for key, default in _KERAS_DEFAULT_INITIALIZERS.items():
+        name = _keras_name(config.get(key))
+        if name is not None and name.replace("_", "").lower() != default.lower():
+            problems.append(f"{key}={name!r} (only Keras's default {default} is reproduced)")
+    if config.get("zero_output_for_mask"):
+        problems.append("zero_output_for_mask=True (masks are not supported)")
+    known = {
+        "filters", "kernel_size", "strides", "padding", "data_format", "dilation_rate",
+        "activation", "recurrent_activation", "use_bias", "unit_forget_bias",
+        "return_sequences", "return_state", "go_backwards", "stateful", "dropout",
+        "recurrent_dropout", "zero_output_for_mask", "kernel_initializer",
+        "recurrent_initializer", "bias_initializer", *_KERAS_IGNORED,
+    }
+    problems += [f"{key} (unknown option)" for key in sorted(set(config) - known)
+                 if not key.endswith(("_regularizer", "_constraint"))]
+    if problems:
+        message = "Keras ConvLSTM2D options not supported: " + "; ".join(problems)
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message + " (ignored)", stacklevel=3)
+
+    def activation(key: str, default: str):
+        name = _keras_name(config.get(key, default))
+        if name == "hard_sigmoid" and keras_version == 2:
+            return "hard_sigmoid_keras2"
+        return "linear" if name is None else name
+
+    def pair(key: str, default) -> tuple[int, int]:
+        value = config.get(key, default)  # a JSON list [3, 3] is ONE kernel, not two layers
+        return _pair(value if isinstance(value, int) else tuple(value), key)
+
+    data_format = config.get("data_format") or "channels_last"
+    return dict(
+        in_channels=int(in_channels),
+        hidden_channels=int(config["filters"]),
+        kernel_size=pair("kernel_size", 3),
+        num_layers=1,
+        stride=pair("strides", 1),
+        padding=str(config.get("padding", "valid")).lower(),
+        dilation=pair("dilation_rate", 1),
+        bias=bool(config.get("use_bias", True)),
+        activation=activation("activation", "tanh"),
+        recurrent_activation=activation("recurrent_activation", "sigmoid"),
+        forget_bias=1.0 if config.get("unit_forget_bias", True) else 0.0,
+        dropout=float(config.get("dropout", 0.0)),
+        recurrent_dropout=float(config.get("recurrent_dropout", 0.0)),
+        go_backwards=bool(config.get("go_backwards", False)),
+        data_format=data_format,
+        return_sequences=bool(config.get("return_sequences", False)),
+        return_state=bool(config.get("return_state", False)),
+        stateful=bool(config.get("stateful", False)),
+        state_layout="data_format",
+    )
