@@ -144,18 +144,28 @@ def test_auto_layer_times_a_layer_once_for_every_batch_size(policy, mode):
 
 
 @nnpack
-def test_auto_without_benchmark_follows_the_rule_and_times_nothing(policy, monkeypatch):
+@pytest.mark.parametrize("avx512", [True, False])
+def test_auto_without_benchmark_follows_the_rule_and_times_nothing(policy, monkeypatch, avx512):
+    import dataclasses
+
+    from nowcast.nn import cpu
+
+    caps = cpu.cpu_capabilities()
+    flags = caps.flags | {"avx512f"} if avx512 else caps.flags - {"avx512f"}
+    monkeypatch.setattr(conv_backend, "cpu_capabilities",
+                        lambda: dataclasses.replace(caps, flags=frozenset(flags)))
     policy("auto")
     monkeypatch.setattr(conv_backend, "_fastest", lambda *a, **k: pytest.fail("timed"))
-    # 5x5 over >= 16 channels: NCHW with NNPACK; 3x3: channels_last with oneDNN
-    layer = ConvLSTM2D(1, [16, 8], [5, 3], return_state=True)
+    # AVX-512: NNPACK (and NCHW) for 5x5 over >= 16 channels, channels_last oneDNN for 3x3;
+    # AVX2 only: NNPACK for 3x3 too
+    layer = ConvLSTM2D(1, [16, 16], [5, 3], return_state=True)
     _, states = layer(torch.randn(2, 3, 1, 12, 12))
-    assert states[0][0].is_contiguous() and not states[0][0].is_contiguous(
-        memory_format=torch.channels_last)
-    assert states[1][0].is_contiguous(memory_format=torch.channels_last)
+    nchw = [h.is_contiguous() and not h.is_contiguous(memory_format=torch.channels_last)
+            for h, _ in states]
+    assert nchw == [True, not avx512]
     assert not conv_backend._layouts and not conv_backend._choices
     w5, w3 = torch.randn(64, 16, 5, 5), torch.randn(64, 16, 3, 3)
-    assert conv_backend._nnpack_rule(w5) and not conv_backend._nnpack_rule(w3)
+    assert conv_backend._nnpack_rule(w5) and conv_backend._nnpack_rule(w3) is (not avx512)
     assert not conv_backend._nnpack_rule(torch.randn(64, 1, 5, 5))  # few input channels
 
 

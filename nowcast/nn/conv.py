@@ -46,6 +46,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from nowcast.nn import buffers
 from nowcast.nn.backend import capabilities, settings
+from nowcast.nn.cpu import cpu_capabilities
 
 __all__ = [
     "conv2d",
@@ -61,8 +62,10 @@ __all__ = [
 _choices: dict[tuple, bool] = {}  # shape key -> use NNPACK, from tune() / benchmark
 _layouts: dict[tuple, torch.memory_format] = {}  # shape key -> memory format, likewise
 
-#: ``"auto"`` picks NNPACK for kernels at least this large (where its FFT kernels win) ...
-NNPACK_MIN_KERNEL = 5
+#: ``"auto"`` picks NNPACK for kernels at least this large (where its Winograd/FFT kernels
+#: beat oneDNN's direct convolution): 5x5 on CPUs with AVX-512, 3x3 on AVX2-only CPUs,
+#: where oneDNN has half the vector width (measured: docs/benchmarks.md) ...
+NNPACK_MIN_KERNEL = {"avx512": 5, "avx2": 3}
 #: ... and at least this many input channels (oneDNN wins on few-channel inputs).
 NNPACK_MIN_CHANNELS = 16
 
@@ -87,7 +90,8 @@ def clear_tuning() -> None:
 
 def _nnpack_rule(weight: Tensor) -> bool:
     """The documented ``"auto"`` choice for an NNPACK-eligible convolution (untuned)."""
-    return min(weight.shape[-2:]) >= NNPACK_MIN_KERNEL and weight.shape[1] >= NNPACK_MIN_CHANNELS
+    min_kernel = NNPACK_MIN_KERNEL["avx512" if cpu_capabilities().avx512 else "avx2"]
+    return min(weight.shape[-2:]) >= min_kernel and weight.shape[1] >= NNPACK_MIN_CHANNELS
 
 
 def _nnpack_available() -> bool:
