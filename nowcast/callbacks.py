@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from nowcast.io_utils import save_figure
 from nowcast.plots import forecast_panel
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class ForecastPlotCallback(L.Callback):
             figs.append(fig)
         for i, fig in enumerate(figs):
             path = self.dirpath / f"epoch_{trainer.current_epoch:03d}_sample{i}.png"
-            fig.savefig(path, dpi=90)
+            save_figure(fig, path, dpi=90)  # atomic: never half a PNG on a full disk
             self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
