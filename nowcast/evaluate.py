@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nowcast.baselines import get_baseline
+from nowcast.callbacks import TestScoresCallback
 from nowcast.checkpoints import (
     check_compatible,
     instantiate_trusted,
@@ -35,7 +37,6 @@ from nowcast.checkpoints import (
     stored_config,
 )
 from nowcast.io_utils import NO_SPACE, atomic_write_text, disk_full_error, save_figure
-from nowcast.lit_module import compute_scores, update_scores
 from nowcast.plots import forecast_panel, scores_vs_lead
 from nowcast.safe_config import to_plain
 
@@ -174,65 +175,37 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         log.warning("%s", overlap)
         flags.append({"flag": "train_test_overlap", "message": overlap})
 
-    device = _device(cfg.get("accelerator", "auto"))
-    model.to(device)
-    log.info("evaluating %s on %s", cfg.ckpt_path, device)
-
     baselines: dict[str, Callable] = {name: get_baseline(name) for name in cfg.get("baselines", [])}
+    scorer = TestScoresCallback(baselines, plot_samples=int(cfg.plot_samples),
+                                keep_forecasts=bool(cfg.get("write_forecasts")),
+                                allow_nonfinite=allow_nonfinite, name=f"checkpoint {cfg.ckpt_path}")
+    devices = cfg.get("devices", 1)
+    if cfg.get("write_forecasts") and devices not in (1, "1", [0]):
+        raise ValueError(f"write_forecasts=true needs devices=1 (got {devices}): the forecasts of "
+                         "other ranks are not gathered")
+    trainer = L.Trainer(accelerator=cfg.get("accelerator", "auto"), devices=devices, logger=False,
+                        callbacks=[scorer], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    log.info("evaluating %s on %s x %s", cfg.ckpt_path, trainer.num_devices,
+             type(trainer.accelerator).__name__)
     try:
-        datamodule.prepare_data()
-        datamodule.setup("test")
+        trainer.test(model, datamodule=datamodule, verbose=False)
     except FileNotFoundError as err:
         raise _moved_data_error(err, cfg.ckpt_path, OmegaConf.to_container(run_cfg.data),
                                 to_plain(cfg.get("data")) or {}) from err
     transform = model.transform
     lead_times = model.lead_times or getattr(datamodule, "lead_times", None)
-    scores = {m: model.make_scores(**model.score_kwargs).to(device) for m in ["model", *baselines]}
-    nonfinite = {m: 0 for m in scores}
-
-    samples: list[dict[str, np.ndarray]] = []
-    forecasts: list[np.ndarray] = []
-    issue_times: list[np.ndarray] = []
-    with torch.no_grad():
-        for index, batch in enumerate(datamodule.test_dataloader()):
-            inputs = batch["inputs"].to(device)
-            mask = batch.get("mask")
-            mask = None if mask is None else mask.to(device)
-            target = transform.decode(batch["targets"].to(device).float())
-            forecast = transform.decode(model(inputs).float())
-            past = transform.decode(inputs.float())
-            preds = {"model": forecast}
-            for name, baseline in baselines.items():
-                preds[name] = baseline(past, model.num_leads).to(device=device, dtype=forecast.dtype)
-            for name, pred in preds.items():
-                n = int((~torch.isfinite(pred)).sum())
-                if n and not allow_nonfinite:
-                    raise FloatingPointError(
-                        f"{name} forecast of checkpoint {cfg.ckpt_path} has {n} non-finite values "
-                        f"in test batch {index} (of {pred.numel()}); the scores would be NaN "
-                        "(allow_nonfinite=true scores it anyway, flagged)"
-                    )
-                nonfinite[name] += n
-                update_scores(scores[name], pred, target, mask)
-            for i in range(min(cfg.plot_samples - len(samples), inputs.shape[0])):
-                samples.append({
-                    "inputs": past[i, :, 0].cpu().numpy(),
-                    "target": target[i, :, 0].cpu().numpy(),
-                    "mask": None if mask is None else mask[i, :, 0].cpu().numpy(),
-                    **{k: v[i, :, 0].cpu().numpy() for k, v in preds.items()},
-                })
-            if cfg.get("write_forecasts"):
-                if "issue_time" not in batch:
-                    raise ValueError("write_forecasts needs issue times: only radar data has them")
-                forecasts.append(forecast[:, :, 0].cpu().numpy())
-                issue_times.append(batch["issue_time"].numpy())
+    nonfinite, samples = scorer.nonfinite, scorer.samples
+    forecasts, issue_times = scorer.forecasts, scorer.issue_times
 
     for name, n in nonfinite.items():
         if n:
             message = f"{name}: {n} non-finite forecast values on the test set"
             log.warning("%s (allow_nonfinite=true: scores involving them are NaN/null)", message)
             flags.append({"flag": "nonfinite_forecast", "message": message})
-    results = {m: compute_scores(s, "test", lead_times) for m, s in scores.items()}
+    results = scorer.results()
+    if not trainer.is_global_zero:
+        return results  # rank 0 writes the reports
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "metrics.json", metrics_json(results, flags))
     table = markdown_tables(results, lead_times or [f"lead{k + 1:02d}" for k in range(model.num_leads)],
@@ -309,15 +282,6 @@ def period_overlap(stored: dict[str, Any], evaluated: dict[str, Any],
     return (f"the test period [{test[0]}, {test[1]}] is not inside the validation/test periods held "
             f"out when training {where} (train_period=null trains on every other frame): these "
             "test scores are on data the model was trained on")
-
-
-def _device(accelerator: str) -> torch.device:
-    if accelerator in ("auto", "gpu", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if accelerator != "auto":
-            raise ValueError(f"accelerator={accelerator!r} but no CUDA device is available")
-    return torch.device("cpu")
 
 
 def _score_names(results: dict[str, dict[str, float]]) -> list[str]:

@@ -104,3 +104,44 @@ def test_train_test_period_overlap(stored, test_period, overlaps):
     assert (message is not None) == overlaps
     if overlaps:
         assert "run/best.ckpt" in message and "trained on" in message
+
+
+def _old_loop(ckpt: Path, baselines: list[str]) -> dict[str, dict[str, float]]:
+    """evaluate's own test loop as it was before it ran through Trainer.test (commit
+    b9c7bd8), kept here as the reference for the numbers."""
+    from nowcast.baselines import get_baseline
+    from nowcast.evaluate import load_run
+    from nowcast.lit_module import compute_scores, update_scores
+
+    model, datamodule, _ = load_run(ckpt)
+    methods = {name: get_baseline(name) for name in baselines}
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    transform = model.transform
+    lead_times = model.lead_times or getattr(datamodule, "lead_times", None)
+    scores = {m: model.make_scores(**model.score_kwargs) for m in ["model", *methods]}
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            inputs, mask = batch["inputs"], batch.get("mask")
+            target = transform.decode(batch["targets"].float())
+            forecast = transform.decode(model(inputs).float())
+            update_scores(scores["model"], forecast, target, mask)
+            past = transform.decode(inputs.float())
+            for name, baseline in methods.items():
+                update_scores(scores[name], baseline(past, model.num_leads).to(dtype=forecast.dtype),
+                              target, mask)
+    return {m: compute_scores(s, "test", lead_times) for m, s in scores.items()}
+
+
+def test_evaluate_through_trainer_test_equals_the_old_loop(tmp_path):
+    ckpt = _checkpoint(tmp_path, "data.test_size=24")  # 3 batches of 8
+    ecfg = compose_config("evaluate", [f"ckpt_path={ckpt}", "plot_samples=1", "accelerator=cpu",
+                                       "baselines=[persistence]"], tmp_path / "eval")
+    new = evaluate(ecfg)
+    old = _old_loop(ckpt, ["persistence"])
+    assert set(new) == set(old) == {"model", "persistence"}
+    for method in old:
+        assert set(new[method]) == set(old[method])
+        for key, value in old[method].items():
+            assert new[method][key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (method, key)
+    assert len(old["model"]) > 20  # overall and per-lead scores were compared
