@@ -54,8 +54,21 @@ def run_dir(resume: str | None, default: str) -> str:
     return default
 
 
+def output_subdir(resume: str | None) -> str:
+    """Where Hydra saves the composed config: ``.hydra``, or ``.hydra/resume_<time>`` when
+    continuing a run in its folder, so that the run's original ``.hydra/config.yaml``
+    (and overrides) is not overwritten by the resume command's composition.
+
+    Registered (cached) as ``${nowcast.output_subdir:<resume>}`` for ``hydra.output_subdir``.
+    """
+    if resume and run_folder_of(resume) is not None:
+        return f".hydra/resume_{unique_time()}"
+    return ".hydra"
+
+
 OmegaConf.register_new_resolver("nowcast.unique_time", unique_time, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("nowcast.run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("nowcast.output_subdir", output_subdir, use_cache=True, replace=True)
 
 
 

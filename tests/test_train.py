@@ -290,3 +290,14 @@ def test_wandb_without_key_fails_fast_naming_offline_mode(train_cfg, tmp_path, m
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     nt.check_wandb(train_cfg("logger=wandb").logger)  # offline: fine
+
+
+def test_resume_keeps_the_original_hydra_config(tmp_path):
+    run = tmp_path / "logs" / "train" / "runs" / "old"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run / "checkpoints").mkdir()
+    cfg = compose_config("train", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], tmp_path)
+    assert cfg.hydra.run.dir == str(run.resolve())
+    assert cfg.hydra.output_subdir.startswith(".hydra/resume_")
+    assert compose_config("train", [], tmp_path).hydra.output_subdir == ".hydra"
