@@ -1,10 +1,14 @@
 """``evaluate(cfg)``: score a checkpoint and nowcasting baselines on the test set.
 
 The model and the data are rebuilt from the config stored in the checkpoint by
-``nowcast.train`` (no need to repeat training overrides). Every method is scored on the
-same windows and masks, in physical units. Writes to the run folder:
+``nowcast.train`` (no need to repeat training overrides), after checking it against the
+allowlist of :mod:`nowcast.safe_config` (a checkpoint is untrusted). The test set runs
+through Lightning's test loop (``Trainer.test``, any number of devices); every method is
+scored by :class:`nowcast.callbacks.TestScoresCallback` on the same windows and masks, in
+physical units. Writes to the run folder, atomically:
 
-* ``metrics.json``: ``{method: {"test/mse": ..., "test/mse/lead01": ...}}``
+* ``metrics.json``: ``{method: {"test/mse": ..., "test/mse/lead01": ...}}``, strict JSON
+  (non-finite scores are ``null``), plus ``_flags`` and ``_null_reasons``
 * ``metrics.md``: Markdown tables, methods side by side, overall and per lead time
 * ``plots/scores_vs_lead.png`` and ``plots/sample_N.png`` forecast panels
 * ``forecasts.nc`` (``write_forecasts=true``): the model's forecasts as CF netCDF
