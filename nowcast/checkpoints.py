@@ -1,4 +1,9 @@
-"""Loading checkpoints safely, with errors that say what is wrong."""
+"""Loading checkpoints safely, with errors that say what is wrong.
+
+A checkpoint is untrusted input: its tensors load with ``weights_only=True`` and the run
+config stored in it (``nowcast_config``) only builds objects through
+:func:`instantiate_trusted` (see :mod:`nowcast.safe_config`, ``docs/security.md``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from nowcast.safe_config import UntrustedConfigError, check_config, instantiate_trusted
+
+__all__ = ["UntrustedConfigError", "check_compatible", "instantiate_trusted", "load_checkpoint",
+           "stored_config"]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -35,6 +45,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict'")
     return ckpt
+
+
+def stored_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The run config stored in a checkpoint by ``nowcast.train``, checked by
+    :func:`nowcast.safe_config.check_config` (targets allowlisted, no interpolations).
+
+    Returns plain containers with the original ``_target_`` strings; build objects from
+    them with :func:`instantiate_trusted`.
+
+    Raises
+    ------
+    ValueError
+        The checkpoint holds no ``nowcast_config`` (not written by ``nowcast.train``).
+    UntrustedConfigError
+        The config names a target outside the allowlist or holds an interpolation.
+    """
+    raw = ckpt.get("nowcast_config")
+    if raw is None:
+        raise ValueError(
+            f"{path} has no stored nowcast config: it was not written by nowcast.train, "
+            "so the model cannot be rebuilt from it"
+        )
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the stored nowcast_config is a {type(raw).__name__}, not a mapping")
+    check_config(raw, source=f"checkpoint {path}")  # raises before anything is built
+    return raw
 
 
 def check_compatible(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:

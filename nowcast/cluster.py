@@ -10,8 +10,8 @@ What ``nowcast.train`` calls, in order:
 
 :class:`SlurmRequeue` (in ``configs/callbacks/default.yaml``) saves the hpc checkpoint and
 requeues the job on the time-limit signal. One run folder per job, whatever the number of
-ranks, comes from ``configs/hydra/default.yaml`` (``runs/<SLURM_JOB_ID>``). See
-``docs/cluster.md``.
+ranks, comes from ``configs/hydra/default.yaml`` (``runs/<SLURM_JOB_ID>``) through the
+resolvers of :mod:`nowcast.run_folders` (:func:`run_dir`, :func:`unique_time`). See ``docs/cluster.md``.
 """
 
 from __future__ import annotations

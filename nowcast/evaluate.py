@@ -1,10 +1,14 @@
 """``evaluate(cfg)``: score a checkpoint and nowcasting baselines on the test set.
 
 The model and the data are rebuilt from the config stored in the checkpoint by
-``nowcast.train`` (no need to repeat training overrides). Every method is scored on the
-same windows and masks, in physical units. Writes to the run folder:
+``nowcast.train`` (no need to repeat training overrides), after checking it against the
+allowlist of :mod:`nowcast.safe_config` (a checkpoint is untrusted). The test set runs
+through Lightning's test loop (``Trainer.test``, any number of devices); every method is
+scored by :class:`nowcast.callbacks.TestScoresCallback` on the same windows and masks, in
+physical units. Writes to the run folder, atomically:
 
-* ``metrics.json``: ``{method: {"test/mse": ..., "test/mse/lead01": ...}}``
+* ``metrics.json``: ``{method: {"test/mse": ..., "test/mse/lead01": ...}}``, strict JSON
+  (non-finite scores are ``null``), plus ``_flags`` and ``_null_reasons``
 * ``metrics.md``: Markdown tables, methods side by side, overall and per lead time
 * ``plots/scores_vs_lead.png`` and ``plots/sample_N.png`` forecast panels
 * ``forecasts.nc`` (``write_forecasts=true``): the model's forecasts as CF netCDF
@@ -12,24 +16,33 @@ same windows and masks, in physical units. Writes to the run folder:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nowcast.baselines import get_baseline
-from nowcast.checkpoints import check_compatible, load_checkpoint
-from nowcast.lit_module import compute_scores, update_scores
+from nowcast.callbacks import TestScoresCallback
+from nowcast.checkpoints import (
+    check_compatible,
+    instantiate_trusted,
+    load_checkpoint,
+    stored_config,
+)
+from nowcast.io_utils import NO_SPACE, atomic_write_text, disk_full_error, save_figure
 from nowcast.plots import forecast_panel, scores_vs_lead
+from nowcast.safe_config import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -37,80 +50,171 @@ log = logging.getLogger(__name__)
 HEADLINE = ("mse", "mae", "mse_frame", "mae_frame", "ssim", "psnr", "bias")
 
 
+#: Data config keys that hold file locations, shown when the stored data is not found.
+PATH_KEYS = ("path", "data_dir", "test_file", "mnist_dir")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, recursively (``extra`` wins)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def load_run(ckpt_path: str | Path, data_overrides: DictConfig | dict | None = None):
-    """Rebuild ``(model, datamodule, run_config)`` from a checkpoint written by ``train``."""
+    """Rebuild ``(model, datamodule, run_config)`` from a checkpoint written by ``train``.
+
+    The config stored in the checkpoint is untrusted: it is checked whole by
+    :func:`nowcast.checkpoints.stored_config` (only nowcast classes and allowlisted
+    torch/Lightning classes, no interpolations) before anything is instantiated.
+
+    Parameters
+    ----------
+    ckpt_path
+        A ``.ckpt`` written by ``nowcast.train``.
+    data_overrides
+        Values merged over the stored ``data`` config (e.g. ``{"path": "/new/place"}``);
+        interpolations in an omegaconf node are resolved in its own config first.
+
+    Returns
+    -------
+    model
+        The ``NowcastModule`` with the checkpoint's weights, in eval mode, on the CPU.
+    datamodule
+        The stored datamodule (not yet set up).
+    run_config
+        The stored run config as a ``DictConfig``, with ``data`` as evaluated.
+    """
+    model, datamodule, run_cfg, _ = _load_run(ckpt_path, data_overrides)
+    return model, datamodule, run_cfg
+
+
+def _load_run(ckpt_path: str | Path, data_overrides: Any = None):
+    """:func:`load_run`, plus the stored data config before the overrides (plain dict)."""
     ckpt = load_checkpoint(ckpt_path)
-    if "nowcast_config" not in ckpt:
-        raise ValueError(
-            f"{ckpt_path} has no stored nowcast config: it was not written by nowcast.train, "
-            "so the model cannot be rebuilt from it"
-        )
-    run_cfg = OmegaConf.create(ckpt["nowcast_config"])
-    if data_overrides:
-        run_cfg.data = OmegaConf.merge(run_cfg.data, data_overrides)
-    datamodule = instantiate(run_cfg.data)
-    model = instantiate(run_cfg.model)
+    run = copy.deepcopy(stored_config(ckpt, ckpt_path))
+    for group in ("data", "model"):
+        if not isinstance(run.get(group), dict):
+            raise ValueError(f"{ckpt_path}: the stored nowcast_config has no {group!r} section")
+    stored_data = copy.deepcopy(run["data"])
+    overrides = to_plain(data_overrides) or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"data overrides must be a mapping of data config keys, got {overrides!r}")
+    run["data"] = _merge(run["data"], overrides)
+    source = f"checkpoint {ckpt_path}"
+    try:
+        datamodule = instantiate_trusted(run["data"], source=source)
+    except Exception as err:  # noqa: BLE001 - Hydra wraps the datamodule's own error
+        raise _moved_data_error(err, ckpt_path, run["data"], overrides) from err
+    model = instantiate_trusted(run["model"], source=source)
     check_compatible(model, ckpt, ckpt_path)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
-    return model, datamodule, run_cfg
+    return model, datamodule, OmegaConf.create(run), stored_data
+
+
+def _moved_data_error(err: Exception, ckpt_path: str | Path, data: dict[str, Any],
+                      overrides: dict[str, Any]) -> Exception:
+    """A missing data file is explained as a stored path and the override to use."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, FileNotFoundError):
+        cause = cause.__cause__
+    if cause is None:
+        return err
+    stored = {k: data[k] for k in PATH_KEYS if data.get(k) is not None and k not in overrides}
+    if not stored:
+        return cause
+    shown = ", ".join(f"data.{k}={v!r}" for k, v in stored.items())
+    hint = " ".join(f"data.{k}=<new location>" for k in stored)
+    return FileNotFoundError(
+        f"{cause}\nThe data location comes from the config stored in checkpoint {ckpt_path} "
+        f"({shown}). If the data moved, override it: python evaluate.py ckpt_path={ckpt_path} {hint}"
+    )
+
+
+def nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity, with their counts."""
+    bad = []
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            n = int((~torch.isfinite(value)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {value.numel()} values)")
+    return bad
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Evaluate ``cfg.ckpt_path`` and ``cfg.baselines`` on the test set.
 
+    Non-finite weights or forecasts stop the evaluation with an error that names the
+    checkpoint and the tensors, unless ``cfg.allow_nonfinite``: then a warning, and a flag
+    in ``metrics.json`` (``_flags``, ``null`` scores) and ``metrics.md``. A stored training
+    period that overlaps the evaluated test period is flagged the same way.
+
     Returns
     -------
     ``{method: {metric name: value}}`` with the names logged in training
-    (``test/mse``, ``test/mse/lead01``, ...).
+    (``test/mse``, ``test/mse/lead01``, ...); non-finite scores are NaN here.
     """
     output_dir = Path(cfg.paths.output_dir)
-    model, datamodule, run_cfg = load_run(cfg.ckpt_path, cfg.get("data"))
-    device = _device(cfg.get("accelerator", "auto"))
-    model.to(device)
-    log.info("evaluating %s on %s", cfg.ckpt_path, device)
+    allow_nonfinite = bool(cfg.get("allow_nonfinite", False))
+    model, datamodule, run_cfg, stored_data = _load_run(cfg.ckpt_path, cfg.get("data"))
+    flags: list[dict[str, str]] = []
+
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        message = (f"checkpoint {cfg.ckpt_path} has non-finite weights: {', '.join(bad[:8])}"
+                   f"{f' and {len(bad) - 8} more tensors' if len(bad) > 8 else ''}")
+        if not allow_nonfinite:
+            raise FloatingPointError(f"{message}; its forecasts would be meaningless "
+                                     "(allow_nonfinite=true scores it anyway, flagged)")
+        log.warning("%s (allow_nonfinite=true: scoring it anyway, flagged in every report)", message)
+        flags.append({"flag": "nonfinite_weights", "message": message})
+    overlap = period_overlap(stored_data, OmegaConf.to_container(run_cfg.data), cfg.ckpt_path)
+    if overlap:
+        log.warning("%s", overlap)
+        flags.append({"flag": "train_test_overlap", "message": overlap})
 
     baselines: dict[str, Callable] = {name: get_baseline(name) for name in cfg.get("baselines", [])}
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    scorer = TestScoresCallback(baselines, plot_samples=int(cfg.plot_samples),
+                                keep_forecasts=bool(cfg.get("write_forecasts")),
+                                allow_nonfinite=allow_nonfinite, name=f"checkpoint {cfg.ckpt_path}")
+    devices = cfg.get("devices", 1)
+    if cfg.get("write_forecasts") and devices not in (1, "1", [0]):
+        raise ValueError(f"write_forecasts=true needs devices=1 (got {devices}): the forecasts of "
+                         "other ranks are not gathered")
+    trainer = L.Trainer(accelerator=cfg.get("accelerator", "auto"), devices=devices, logger=False,
+                        callbacks=[scorer], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    log.info("evaluating %s on %s x %s", cfg.ckpt_path, trainer.num_devices,
+             type(trainer.accelerator).__name__)
+    try:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    except FileNotFoundError as err:
+        raise _moved_data_error(err, cfg.ckpt_path, OmegaConf.to_container(run_cfg.data),
+                                to_plain(cfg.get("data")) or {}) from err
     transform = model.transform
     lead_times = model.lead_times or getattr(datamodule, "lead_times", None)
-    scores = {m: model.make_scores(**model.score_kwargs).to(device) for m in ["model", *baselines]}
+    nonfinite, samples = scorer.nonfinite, scorer.samples
+    forecasts, issue_times = scorer.forecasts, scorer.issue_times
 
-    samples: list[dict[str, np.ndarray]] = []
-    forecasts: list[np.ndarray] = []
-    issue_times: list[np.ndarray] = []
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            inputs = batch["inputs"].to(device)
-            mask = batch.get("mask")
-            mask = None if mask is None else mask.to(device)
-            target = transform.decode(batch["targets"].to(device).float())
-            forecast = transform.decode(model(inputs).float())
-            update_scores(scores["model"], forecast, target, mask)
-            past = transform.decode(inputs.float())
-            preds = {"model": forecast}
-            for name, baseline in baselines.items():
-                preds[name] = baseline(past, model.num_leads).to(device=device, dtype=forecast.dtype)
-                update_scores(scores[name], preds[name], target, mask)
-            for i in range(min(cfg.plot_samples - len(samples), inputs.shape[0])):
-                samples.append({
-                    "inputs": past[i, :, 0].cpu().numpy(),
-                    "target": target[i, :, 0].cpu().numpy(),
-                    "mask": None if mask is None else mask[i, :, 0].cpu().numpy(),
-                    **{k: v[i, :, 0].cpu().numpy() for k, v in preds.items()},
-                })
-            if cfg.get("write_forecasts"):
-                if "issue_time" not in batch:
-                    raise ValueError("write_forecasts needs issue times: only radar data has them")
-                forecasts.append(forecast[:, :, 0].cpu().numpy())
-                issue_times.append(batch["issue_time"].numpy())
-
-    results = {m: compute_scores(s, "test", lead_times) for m, s in scores.items()}
+    for name, n in nonfinite.items():
+        if n:
+            message = f"{name}: {n} non-finite forecast values on the test set"
+            log.warning("%s (allow_nonfinite=true: scores involving them are NaN/null)", message)
+            flags.append({"flag": "nonfinite_forecast", "message": message})
+    results = scorer.results()
+    if not trainer.is_global_zero:
+        return results  # rank 0 writes the reports
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    table = markdown_tables(results, lead_times or [f"lead{k + 1:02d}" for k in range(model.num_leads)])
-    (output_dir / "metrics.md").write_text(table)
+    atomic_write_text(output_dir / "metrics.json", metrics_json(results, flags))
+    table = markdown_tables(results, lead_times or [f"lead{k + 1:02d}" for k in range(model.num_leads)],
+                            flags)
+    atomic_write_text(output_dir / "metrics.md", table)
     _plots(results, samples, lead_times, transform.units, output_dir / "plots", model.num_leads)
     if forecasts:
         path = write_forecasts_netcdf(
@@ -124,13 +228,64 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return results
 
 
-def _device(accelerator: str) -> torch.device:
-    if accelerator in ("auto", "gpu", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if accelerator != "auto":
-            raise ValueError(f"accelerator={accelerator!r} but no CUDA device is available")
-    return torch.device("cpu")
+def metrics_json(results: dict[str, dict[str, float]], flags: list[dict[str, str]]) -> str:
+    """Strict JSON (no ``NaN``): ``{method: {name: value | null}}`` plus ``_flags`` (what
+    was flagged, e.g. non-finite forecasts, train/test overlap) and ``_null_reasons``
+    (``{method: {name: why it is null}}``). Keys starting with ``_`` are not methods."""
+    clean: dict[str, Any] = {}
+    reasons: dict[str, dict[str, str]] = {}
+    for method, values in results.items():
+        clean[method] = {}
+        for key, value in values.items():
+            if value is None or not math.isfinite(value):
+                clean[method][key] = None
+                reasons.setdefault(method, {})[key] = (
+                    f"non-finite value ({value}): the forecasts or targets were not finite or the "
+                    "score is undefined on this data (e.g. no event for CSI)"
+                )
+            else:
+                clean[method][key] = value
+    clean["_flags"] = flags
+    clean["_null_reasons"] = reasons
+    return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False)
+
+
+def _as_period(value: Any) -> tuple[np.datetime64, np.datetime64] | None:
+    if value is None:
+        return None
+    start, end = (np.datetime64(str(v), "ns") for v in list(value))
+    return start, end
+
+
+def period_overlap(stored: dict[str, Any], evaluated: dict[str, Any],
+                   ckpt_path: str | Path) -> str | None:
+    """A message when the checkpoint's training period overlaps the evaluated test period.
+
+    Compares config values (``train_period``, ``val_period``, ``test_period``; radar data):
+    ``stored`` is the data config training used, ``evaluated`` the one evaluated (its
+    ``test_period`` may have been overridden). A stored ``train_period: null`` means "every frame outside the stored
+    validation and test periods", so a test period outside those overlaps training.
+    """
+    try:
+        test = _as_period(evaluated.get("test_period"))
+        train = _as_period(stored.get("train_period"))
+        held = [p for p in (_as_period(stored.get("val_period")), _as_period(stored.get("test_period"))) if p]
+    except (TypeError, ValueError):
+        return None  # malformed periods: the datamodule reports them
+    if test is None or "train_period" not in stored:
+        return None
+    where = f"checkpoint {ckpt_path}"
+    if train is not None:
+        if train[0] <= test[1] and test[0] <= train[1]:
+            return (f"the test period [{test[0]}, {test[1]}] overlaps the training period "
+                    f"[{train[0]}, {train[1]}] stored in {where}: these test scores are on data "
+                    "the model was trained on")
+        return None
+    if any(p[0] <= test[0] and test[1] <= p[1] for p in held):
+        return None
+    return (f"the test period [{test[0]}, {test[1]}] is not inside the validation/test periods held "
+            f"out when training {where} (train_period=null trains on every other frame): these "
+            "test scores are on data the model was trained on")
 
 
 def _score_names(results: dict[str, dict[str, float]]) -> list[str]:
@@ -140,15 +295,24 @@ def _score_names(results: dict[str, dict[str, float]]) -> list[str]:
     return head + [n for n in names if n not in head]
 
 
-def markdown_tables(results: dict[str, dict[str, float]], lead_times: list[str]) -> str:
-    """Methods side by side: one overall table, then one per-lead table per score."""
+def markdown_tables(results: dict[str, dict[str, float]], lead_times: list[str],
+                    flags: list[dict[str, str]] | None = None) -> str:
+    """Methods side by side: one overall table, then one per-lead table per score.
+
+    ``flags`` (non-finite forecasts, train/test overlap) come first, as warnings. A
+    non-finite score is shown as ``NaN`` / ``inf`` in bold (not "n/a": it is a result, a
+    bad one); a score a method does not have is ``-``.
+    """
     methods = list(results)
 
     def fmt(v: float | None) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+        if v is None:
+            return "-"
+        return f"**{v}**" if not math.isfinite(v) else f"{v:.4g}"
 
     names = _score_names(results)
-    lines = ["## Overall (test set)", "", "| score | " + " | ".join(methods) + " |",
+    lines = [f"> **WARNING ({f['flag']})**: {f['message']}\n" for f in flags or []]
+    lines += ["## Overall (test set)", "", "| score | " + " | ".join(methods) + " |",
              "| --- |" + " --- |" * len(methods)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(fmt(results[m].get(f"test/{n}")) for m in methods) + " |")
@@ -176,14 +340,14 @@ def _plots(results, samples, lead_times, units, plot_dir: Path, num_leads: int) 
     shown = [n for n in names if any(n in v for v in per_lead.values())][:9]
     if shown:
         fig = scores_vs_lead(per_lead, leads, shown)
-        fig.savefig(plot_dir / "scores_vs_lead.png", dpi=100)
+        save_figure(fig, plot_dir / "scores_vs_lead.png", dpi=100)
         plt.close(fig)
     for i, s in enumerate(samples):
         others = {k: v for k, v in s.items() if k not in ("inputs", "target", "mask", "model")}
         fig = forecast_panel(s["inputs"], s["target"], s["model"], mask=s["mask"],
                              rain=units == "mm/h", units=units, lead_names=lead_times,
                              title=f"test sample {i}", baselines=others)
-        fig.savefig(plot_dir / f"sample_{i}.png", dpi=90)
+        save_figure(fig, plot_dir / f"sample_{i}.png", dpi=90)
         plt.close(fig)
 
 
@@ -223,7 +387,16 @@ def write_forecasts_netcdf(path: Path, forecasts: np.ndarray, issue_times: np.nd
     ds["issue_time"].attrs["long_name"] = "time of the last input frame"
     ds["lead_time"].attrs["long_name"] = "forecast lead time"
     encoding = {"rain_rate": {"zlib": True, "complevel": 4}}
-    ds.to_netcdf(path, encoding=encoding)
+    # Atomic: written beside the destination, then renamed over it.
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        ds.to_netcdf(tmp, encoding=encoding)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in NO_SPACE:
+            raise disk_full_error(path, err) from None
+        raise
     return path
 
 

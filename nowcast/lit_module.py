@@ -200,10 +200,12 @@ class NowcastModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        # The decoded forecast (B, T_out, C, H, W) goes to callbacks (nowcast.evaluate's
+        # TestScoresCallback scores baselines on the same windows).
+        return {"forecast": self._eval_step(batch, "test")}
 
-    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         pred = self(batch["inputs"])
         mask = batch.get("mask")
         loss = self.loss(pred, batch["targets"], mask)
@@ -215,6 +217,7 @@ class NowcastModule(L.LightningModule):
         if self.persistence_baseline:
             last = self.transform.decode(batch["inputs"][:, -1:].float())  # (B, 1, C, H, W): all persistence needs
             update_scores(self.baseline_scores[stage], persistence(last, self.num_leads), target, mask)
+        return forecast
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")

@@ -1,10 +1,21 @@
 """``train(cfg)``: build data, model, callbacks, loggers and trainer from a Hydra config
-and fit. Returns the final metrics so that tests and sweeps can use them."""
+and fit. Returns the final metrics so that tests and sweeps can use them.
+
+Resuming (``ckpt_path=<run>/checkpoints/last.ckpt`` or ``resume=<run folder>``) continues
+the run with the config stored in its checkpoint, checked like any untrusted config
+(:mod:`nowcast.safe_config`), plus the overrides on the command line, in the run's own
+folder (see :func:`resumed_config`).
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import netrc
+import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +23,26 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nowcast import cluster
-from nowcast.checkpoints import check_compatible, load_checkpoint
+from nowcast.checkpoints import (
+    check_compatible,
+    instantiate_trusted,
+    load_checkpoint,
+    stored_config,
+)
+from nowcast.io_utils import AtomicCheckpointIO
+from nowcast.safe_config import to_plain
 
 log = logging.getLogger(__name__)
 
 
-def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
+def _instantiate_group(cfg: DictConfig | None, build: Callable[..., Any] = instantiate) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group (entries may be null)."""
     if not cfg:
         return []
-    return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+    return [build(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -46,13 +64,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``val/persistence/mse``, ... and ``test/...`` when ``cfg.test``).
     """
     cluster.log_on_rank_zero_only()  # DDP: one train.log per run, written by rank 0
+    resume_from = _resume_checkpoint(cfg)
+    build: Callable[..., Any] = instantiate
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        if "nowcast_config" in ckpt:
+            cfg = resumed_config(cfg, resume_from, ckpt)
+            # Everything below comes from the checkpoint's stored config: untrusted.
+            build = partial(instantiate_trusted, source=f"checkpoint {resume_from}")
+        else:
+            log.warning("%s holds no stored nowcast config (not written by nowcast.train): "
+                        "resuming with the config as composed now", resume_from)
+        del ckpt
+    check_wandb(cfg.get("logger"))  # before the (slow) data and model set-up
+    warn_without_validation(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
     log.info("data: %s", cfg.data._target_)
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    datamodule: L.LightningDataModule = build(cfg.data)
     log.info("model: %s around %s", cfg.model._target_, cfg.model.net._target_)
-    model: L.LightningModule = instantiate(cfg.model)
+    model: L.LightningModule = build(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config.pop("hydra", None)  # present when composed with return_hydra_config (tests)
     model.run_config = run_config
@@ -60,21 +92,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model.net.compile()  # in place: state-dict keys stay the same as uncompiled
 
     # A requeued SLURM job resumes from the checkpoint it saved before stopping.
-    ckpt_path = cluster.resume_path(output_dir, cfg.get("ckpt_path"),
+    ckpt_path = cluster.resume_path(output_dir, resume_from,
                                     fresh_if_missing=cfg.get("resume_fresh_if_missing", False))
     if ckpt_path:
         # Fail here with a readable message rather than deep inside Lightning.
         check_compatible(model, load_checkpoint(ckpt_path), ckpt_path)
         log.info("resuming from %s", ckpt_path)
 
-    callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
+    callbacks = _instantiate_group(cfg.get("callbacks"), build)
+    loggers = _instantiate_group(cfg.get("logger"), build)
     cluster.check_devices(cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Checkpoints are written to a temporary file beside the target and renamed over it:
+    # a full disk or a crash never leaves a truncated last.ckpt (nowcast.io_utils).
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                               plugins=[AtomicCheckpointIO()])
     cluster.set_per_device_batch_size(datamodule, trainer)  # data.batch_size is global
 
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only=True: the checkpoint holds tensors and plain containers only
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except FloatingPointError:
         ckpts = sorted(output_dir.glob("checkpoints/*.ckpt"))
         log.error(
@@ -86,12 +122,181 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("test"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
 
     if trainer.is_global_zero:
         _summarise(metrics, trainer, output_dir)
     return metrics
+
+
+# ------------------------------------------------------------------------------ resume
+#: Keys of the composed config that stay as composed when resuming (not the stored ones).
+COMPOSED_KEYS = ("paths", "hydra", "task_name", "ckpt_path", "resume", "resume_fresh_if_missing")
+
+
+def _resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to continue from: ``ckpt_path``, or the newest of ``resume``'s run
+    folder (``hpc_ckpt_<N>.ckpt`` or ``checkpoints/last.ckpt``, by modification time)."""
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume and ckpt_path and str(resume) != str(ckpt_path):
+        raise ValueError(f"give resume={resume} or ckpt_path={ckpt_path}, not both")
+    if ckpt_path or not resume:
+        return ckpt_path
+    path = Path(resume).expanduser()
+    if path.is_file():
+        return str(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={resume}: no such run folder or checkpoint")
+    found = [*cluster.hpc_checkpoints(path), path / "checkpoints" / "last.ckpt"]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"resume={resume}: the run folder holds no checkpoint to continue from (no "
+            "checkpoints/last.ckpt, no hpc_ckpt_*.ckpt)"
+        )
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
+def _command_line_overrides(cfg: DictConfig) -> list[str]:
+    if "hydra" in cfg and OmegaConf.select(cfg, "hydra.overrides.task") is not None:
+        return list(cfg.hydra.overrides.task)
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def resumed_config(cfg: DictConfig, ckpt_path: str | Path, ckpt: dict[str, Any] | None = None) -> DictConfig:
+    """The run config to continue from ``ckpt_path``: the one stored in the checkpoint,
+    checked (:func:`nowcast.checkpoints.stored_config`), with this command line's
+    overrides applied on top (e.g. ``trainer.max_epochs=20`` to train longer).
+
+    ``paths`` (hence the run folder), ``hydra``, ``ckpt_path`` and ``resume`` stay as
+    composed now; stored values under the stored run folder are moved to the current one.
+    A command-line override that does not name a key of the composed config (an
+    ``experiment=...``) is an error: it cannot be told apart from the stored values.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    ckpt = load_checkpoint(ckpt_path) if ckpt is None else ckpt
+    stored = copy.deepcopy(stored_config(ckpt, ckpt_path))
+    composed = OmegaConf.to_container(cfg, resolve=True)
+    parser = OverridesParser.create()
+    for line in _command_line_overrides(cfg):
+        override = parser.parse_override(line)
+        key = override.key_or_group.replace("/", ".")
+        if key.split(".")[0] in COMPOSED_KEYS:
+            continue
+        if override.is_delete():
+            _delete(stored, key)
+            continue
+        value = OmegaConf.select(OmegaConf.create(composed), key, default=KeyError)
+        if value is KeyError:
+            raise ValueError(
+                f"cannot apply the override {line!r} when resuming from {ckpt_path}: the run "
+                "continues with the config stored in the checkpoint and only takes overrides "
+                "of its keys (e.g. trainer.max_epochs=20); start a new run for other changes"
+            )
+        _set(stored, key, to_plain(value))
+        log.info("resume: %s overrides the stored config", line)
+    old_dir = str((stored.get("paths") or {}).get("output_dir") or "")
+    new_dir = str(cfg.paths.output_dir)
+    if old_dir and old_dir != new_dir:
+        stored = _rebase(stored, old_dir, new_dir)
+    for key in COMPOSED_KEYS:
+        if key in composed:
+            stored[key] = composed[key]
+    out = OmegaConf.create(stored)
+    if "hydra" in cfg:  # keep HydraConfig-dependent access working as composed
+        with open_dict(out):
+            out.hydra = cfg.hydra
+    log.info("resuming the run stored in %s (its own config, checked against the allowlist)", ckpt_path)
+    return out
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = copy.deepcopy(value)
+
+
+def _delete(tree: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part, {})
+    tree.pop(last, None)
+
+
+def _rebase(node: Any, old: str, new: str) -> Any:
+    """Strings that are ``old`` or paths under it, moved to ``new`` (the run folder)."""
+    if isinstance(node, dict):
+        return {k: _rebase(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rebase(v, old, new) for v in node]
+    if isinstance(node, str) and (node == old or node.startswith(old.rstrip("/") + "/")):
+        return new + node[len(old):]
+    return node
+
+
+# --------------------------------------------------------------------- early checks
+WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_api_key_available(env: dict[str, str] | None = None) -> bool:
+    """A W&B API key in ``WANDB_API_KEY`` or the netrc file (``wandb login`` writes it)."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = (env.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    path = env.get("NETRC") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_wandb(logger_cfg: DictConfig | None, env: dict[str, str] | None = None) -> None:
+    """Fail fast when ``logger=wandb`` is online without an API key.
+
+    Checked before data and model set-up: otherwise wandb's own ``UsageError`` comes
+    after minutes of work and does not say how to run without an account.
+    """
+    env = os.environ if env is None else env
+    for name, node in (logger_cfg or {}).items():
+        if node is None or not str(node.get("_target_", "")).endswith("WandbLogger"):
+            continue
+        if node.get("offline") or env.get("WANDB_MODE", "").lower() in WANDB_OFFLINE_MODES:
+            continue
+        if not wandb_api_key_available(env):
+            raise RuntimeError(
+                f"logger.{name} (W&B) is online but no API key was found (WANDB_API_KEY unset, "
+                "no api.wandb.ai entry in ~/.netrc). Log in with `wandb login`, or run without "
+                "an account or network: WANDB_MODE=offline python train.py logger=wandb ... "
+                "(or logger.wandb.offline=true); `wandb sync <run>/wandb/offline-run-*` uploads "
+                "the run later"
+            )
+
+
+def warn_without_validation(cfg: DictConfig) -> bool:
+    """Warn (and return True) when the run has no validation set; say what that disables."""
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    reason = None
+    if "val_size" in data and not data.get("val_size"):
+        reason = f"data.val_size={data.get('val_size')}"
+    elif "val_period" in data and data.get("val_period") is None:
+        reason = "data.val_period=null"
+    elif trainer.get("limit_val_batches") in (0, 0.0):
+        reason = "trainer.limit_val_batches=0"
+    if reason is None:
+        return False
+    log.warning(
+        "%s: training runs WITHOUT validation. This disables: the best checkpoint "
+        "(checkpoints/best.ckpt monitors val/loss; only last.ckpt is written), early stopping "
+        "(callbacks=default_early_stopping), the persistence comparison, and the sweep metric "
+        "(optimized_metric=%s comes back None)", reason, cfg.get("optimized_metric", "val/mse"),
+    )
+    return True
 
 
 def _summarise(metrics: dict[str, float], trainer: L.Trainer, output_dir: Path) -> None:

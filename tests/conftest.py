@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import nowcast  # noqa: F401 - registers the Hydra resolvers and stores that configs/ use
 from nowcast.nn import backend
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,7 +78,7 @@ def _run_dir(tmp_path, *overrides) -> str:
 
 def test_run_dir_is_the_slurm_job_id(monkeypatch, tmp_path):
     plain = _run_dir(tmp_path)
-    assert re.search(r"/train/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d$", plain), plain
+    assert re.search(r"/train/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}$", plain), plain
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     first = _run_dir(tmp_path)
     assert first == str(tmp_path / "logs" / "train" / "runs" / "4242")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from nowcast.evaluate import evaluate
 from nowcast.train import train
@@ -175,3 +176,128 @@ def test_last_checkpoint_follows_the_run_when_the_score_stops_improving(tmp_path
     last = torch.load(ckpts / "last.ckpt", weights_only=True)
     assert last["epoch"] == 2
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+# ------------------------------------------------------------------ issue 17: runs
+def test_two_runs_started_together_get_their_own_folders(tmp_path):
+    """Two `python train.py` started in the same second (a small sweep from a script):
+    one folder each, each with its own config, checkpoint and metrics."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "NOWCAST_RUN_ID")}
+    args = [*TINY, "callbacks.forecast_plots=null", "data.train_size=16", "data.val_size=8",
+            "data.test_size=8", f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={tmp_path / 'data'}"]
+    procs = [subprocess.Popen([sys.executable, "train.py", *args, f"seed={seed}"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 2, runs
+    seeds = set()
+    for run in runs:
+        seed = OmegaConf.load(run / ".hydra" / "config.yaml").seed
+        stored = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["nowcast_config"]
+        assert stored["seed"] == seed  # the checkpoint belongs to the run whose config is here
+        assert (run / "csv" / "metrics.csv").is_file()
+        assert (run / "train.log").read_text().count("Seed set to") <= 1
+        seeds.add(seed)
+    assert seeds == {1, 2}
+
+
+def test_run_folders_differ_within_a_second(tmp_path):
+    first = compose_config("train", [], tmp_path).hydra.run.dir
+    second = compose_config("train", [], tmp_path).hydra.run.dir
+    assert first != second  # same second, different random suffix
+
+
+def test_resume_continues_the_stored_run_in_its_folder(tmp_path):
+    """Train 1 epoch with non-default overrides; `ckpt_path=<run>/checkpoints/last.ckpt
+    trainer.max_epochs=2` alone continues the same network, in the same folder, with one
+    metrics file."""
+    first = compose_config("train", TINY + ["callbacks.forecast_plots=null", "model.net.hidden_channels=[4,8]",
+                                            "model.optimizer.lr=3e-3"], tmp_path)
+    train(first)
+    run = Path(first.paths.output_dir)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(first, run / ".hydra" / "config.yaml")  # as @hydra.main writes it
+    last = run / "checkpoints" / "last.ckpt"
+    resumed = compose_config("train", [f"ckpt_path={last}", "trainer.max_epochs=2"], tmp_path / "elsewhere")
+    assert resumed.hydra.run.dir == str(run.resolve())  # the run folder the CLI would use
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(run)
+    metrics = train(resumed)
+    assert math.isfinite(metrics["val/mse"])
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 1
+    stored = ckpt["nowcast_config"]
+    assert stored["model"]["net"]["hidden_channels"] == [4, 8]
+    assert stored["model"]["optimizer"]["lr"] == 3e-3 and stored["data"]["train_size"] == 32
+    assert stored["trainer"]["max_epochs"] == 2
+    import pandas as pd
+
+    (csv,) = run.rglob("metrics.csv")
+    epochs = pd.read_csv(csv)["epoch"].dropna().astype(int)
+    assert sorted(set(epochs)) == [0, 1]  # both parts of the run in one file
+    assert not (tmp_path / "elsewhere" / "run").exists()
+
+
+def test_resume_refuses_overrides_it_cannot_apply(tmp_path):
+    cfg = compose_config("train", TINY + ["callbacks.forecast_plots=null"], tmp_path)
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    from nowcast.train import resumed_config
+
+    other = compose_config("train", [f"ckpt_path={last}", "+extra.key=1", "~callbacks.progress_bar"],
+                           tmp_path / "b")
+    out = resumed_config(other, last)
+    assert out.extra.key == 1 and "progress_bar" not in out.callbacks
+    assert out.data.train_size == 32  # the stored value, not the composed default (1024)
+    other = compose_config("train", [f"ckpt_path={last}", "experiment=mmnist_shi2015"], tmp_path / "b")
+    with pytest.raises(ValueError, match="cannot apply the override 'experiment=mmnist_shi2015' when "
+                                         "resuming"):
+        resumed_config(other, last)
+    with pytest.raises(ValueError, match="give resume=.* or ckpt_path=.*, not both"):
+        train(compose_config("train", [f"ckpt_path={last}", f"resume={tmp_path}"], tmp_path / "c"))
+
+
+def test_no_validation_set_is_a_warning_that_says_what_it_disables(train_cfg, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="nowcast.train"):
+        metrics = train(train_cfg("data.val_size=0", "callbacks.forecast_plots=null"))
+    assert "val/mse" not in metrics
+    (message,) = [r.getMessage() for r in caplog.records if "WITHOUT validation" in r.getMessage()]
+    for what in ("data.val_size=0", "best checkpoint", "early stopping", "sweep metric"):
+        assert what in message, what
+
+
+def test_wandb_without_key_fails_fast_naming_offline_mode(train_cfg, tmp_path, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    import nowcast.train as nt
+
+    built = []
+    monkeypatch.setattr(nt, "instantiate", lambda *a, **k: built.append(a) or pytest.fail("set-up ran"))
+    with pytest.raises(RuntimeError, match=r"no API key.*WANDB_MODE=offline"):
+        train(train_cfg("logger=wandb"))
+    assert built == []  # stopped before data and model set-up
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password abc123\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert nt.wandb_api_key_available()
+    nt.check_wandb(train_cfg("logger=wandb").logger)  # a key: fine
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    nt.check_wandb(train_cfg("logger=wandb").logger)  # offline: fine
+
+
+def test_resume_keeps_the_original_hydra_config(tmp_path):
+    run = tmp_path / "logs" / "train" / "runs" / "old"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (run / "checkpoints").mkdir()
+    cfg = compose_config("train", [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], tmp_path)
+    assert cfg.hydra.run.dir == str(run.resolve())
+    assert cfg.hydra.output_subdir.startswith(".hydra/resume_")
+    assert compose_config("train", [], tmp_path).hydra.output_subdir == ".hydra"

@@ -122,7 +122,9 @@ timeout 300 "$PYTHON" train.py -m hydra/launcher=slurm hydra.launcher.partition=
     data.train_size=32 data.batch_size=8 trainer.max_epochs=1 > "$WORK/step1.log" 2>&1
 rc=$?
 JOB1=$(ls "$WORK/step1/.submitit" 2>/dev/null | head -1)  # <sweep>/.submitit/<job id>/
-STATE1=$([ -n "$JOB1" ] && job_state "$JOB1")
+# The launcher returns once the job has written its result, while SLURM may still show the
+# job RUNNING (epilogue, accounting): wait for its final state, as steps 2 and 3 do.
+STATE1=$([ -n "$JOB1" ] && wait_done "$JOB1" 120)
 RUN1=$WORK/step1/0
 MSE1=$(metric "$RUN1/csv/metrics.csv" val/mse 2>/dev/null)
 if [ "$rc" = 0 ] && [ "$STATE1" = COMPLETED ] && [ -f "$RUN1/checkpoints/last.ckpt" ] \
