@@ -159,7 +159,7 @@ class NowcastModule(L.LightningModule):
             if names is not None and len(names) == self.num_leads:
                 self.lead_times = list(names)
         val_names = getattr(getattr(self.trainer, "datamodule", None), "val_names", None)
-        if stage == "fit" and val_names and self.val_names is None:
+        if stage in ("fit", "validate") and val_names and self.val_names is None:
             self.add_archive_scores(list(val_names))
 
     def add_archive_scores(self, names: Sequence[str]) -> None:

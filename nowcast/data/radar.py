@@ -650,6 +650,7 @@ class RadarDataModule(L.LightningDataModule):
     def datasets(self, split: str) -> dict[str, RadarWindowDataset]:
         """``{archive name: window dataset}`` of ``"train"``, ``"val"`` or ``"test"``."""
         if split not in self._datasets:
+            self.check_periods()
             sources = self._split_sources(split)
             if not sources:
                 raise RadarDataError(f"no {split}_period configured for any archive")
