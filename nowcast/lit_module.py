@@ -6,7 +6,9 @@ on ``transform.decode(...)`` in physical units.
 
 Log namespace: ``train/loss``, ``val/loss``, ``val/mse``, ``val/mse/lead01``,
 ``val/csi_1mmh``, ``val/persistence/mse``, ``test/...``. The checkpoint monitor and
-sweeps use these exact strings.
+sweeps use these exact strings. With several validation archives (a datamodule whose
+``val_names`` lists them, one loader each) every score is also logged per archive,
+``val/<archive>/mse``, and ``val/mse`` is the mean over the archives.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from nowcast.baselines import persistence
 from nowcast.data.transforms import Identity, Transform
@@ -127,6 +130,8 @@ class NowcastModule(L.LightningModule):
             )
         #: The composed run config, stored in every checkpoint (set by ``nowcast.train``).
         self.run_config: dict | None = None
+        #: Names of the validation archives (one loader each), from the datamodule.
+        self.val_names: list[str] | None = None
 
     def make_scores(
         self,
@@ -155,6 +160,18 @@ class NowcastModule(L.LightningModule):
             names = getattr(self.trainer.datamodule, "lead_times", None)
             if names is not None and len(names) == self.num_leads:
                 self.lead_times = list(names)
+        val_names = getattr(getattr(self.trainer, "datamodule", None), "val_names", None)
+        if stage in ("fit", "validate") and val_names and self.val_names is None:
+            self.add_archive_scores(list(val_names))
+
+    def add_archive_scores(self, names: Sequence[str]) -> None:
+        """Score each validation archive separately (loader ``i`` is archive ``names[i]``)."""
+        self.val_names = list(names)
+        make = lambda: self.make_scores(**self.score_kwargs)  # noqa: E731
+        self.archive_scores = nn.ModuleDict({n: make() for n in names})
+        self.archive_loss = nn.ModuleDict({n: MeanMetric() for n in names})
+        if self.persistence_baseline:
+            self.archive_baseline_scores = nn.ModuleDict({n: make() for n in names})
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":
@@ -197,8 +214,22 @@ class NowcastModule(L.LightningModule):
                  batch_size=pred.shape[0])
         return loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.val_names:
+            self._archive_step(batch, self.val_names[dataloader_idx])
+        else:
+            self._eval_step(batch, "val")
+
+    def _archive_step(self, batch: dict[str, Tensor], name: str) -> None:
+        """A validation batch of archive ``name``: its own scores, logged at epoch end."""
+        pred = self(batch["inputs"])
+        mask = batch.get("mask")
+        self.archive_loss[name].update(self.loss(pred, batch["targets"], mask))
+        target = self.transform.decode(batch["targets"].float())
+        update_scores(self.archive_scores[name], self.transform.decode(pred.float()), target, mask)
+        if self.persistence_baseline:
+            last = self.transform.decode(batch["inputs"][:, -1:].float())  # (B, 1, C, H, W)
+            update_scores(self.archive_baseline_scores[name], persistence(last, self.num_leads), target, mask)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         # The decoded forecast (B, T_out, C, H, W) goes to callbacks (nowcast.evaluate's
@@ -220,7 +251,28 @@ class NowcastModule(L.LightningModule):
         return forecast
 
     def on_validation_epoch_end(self) -> None:
-        self._log_scores("val")
+        if self.val_names:
+            self._log_archive_scores()
+        else:
+            self._log_scores("val")
+
+    def _log_archive_scores(self) -> None:
+        """``val/<archive>/...`` for each archive and ``val/...`` as their mean."""
+        per: dict[str, dict[str, float]] = {}
+        for name in self.val_names or []:
+            flat = {"loss": float(self.archive_loss[name].compute())}
+            self.archive_loss[name].reset()
+            flat.update(compute_scores(self.archive_scores[name], "", self.lead_times))
+            if self.persistence_baseline:
+                flat.update(compute_scores(self.archive_baseline_scores[name], "persistence", self.lead_times))
+            per[name] = {k.lstrip("/"): v for k, v in flat.items()}
+        logged = {f"val/{n}/{k}": v for n, scores in per.items() for k, v in scores.items()}
+        for key in per[next(iter(per))]:
+            values = [scores[key] for scores in per.values() if key in scores]
+            logged[f"val/{key}"] = sum(values) / len(values)
+        shown = ("val/loss", "val/mse", "val/persistence/mse")
+        self.log_dict({k: v for k, v in logged.items() if k in shown}, prog_bar=True)
+        self.log_dict({k: v for k, v in logged.items() if k not in shown}, prog_bar=False)
 
     def on_test_epoch_end(self) -> None:
         self._log_scores("test")

@@ -12,6 +12,17 @@ over the T_in + T_out frames) at the same frame size, to compare the two rates::
 
 ``--layout stacked`` benchmarks one file with a time dimension instead
 (what ``scripts/prepare_radar.py`` writes).
+
+``--real SOURCE`` benchmarks a real archive instead: its raw files read through the
+importer against a Zarr store of the same frames (written first with
+``nowcast.data.radar_zarr.write_zarr``), each in a fresh process, random-order windows
+of the full domain (as validation reads them), windows/s and peak RSS. The store is
+written at the training resolution (``--downsample``, block means computed once at
+conversion); the raw files are block-averaged at every read::
+
+    python scripts/bench_radar_loader.py --real ../shared/data/radar/mrms-2016-qpe01h \
+        --importer mrms_grib --importer-kwargs '{"window_size": 1}' \
+        --filename-time-format %Y%m%d-%H%M%S --frames 12 --windows 4 --downsample 4
 """
 
 from __future__ import annotations
@@ -122,6 +133,83 @@ def run_loader(path: str, windows: int, batch_size: int, num_workers: int, downs
     }
 
 
+def _vm_hwm_mib() -> float:
+    """Peak RSS of this process in MiB (``VmHWM``; unlike ``ru_maxrss`` it starts afresh
+    at ``exec``, so a large parent does not leak into the child's number)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_windows(path: str, reader: dict, windows: int, t_in: int, t_out: int, downsample: int) -> dict:
+    """In this (fresh) process: read ``windows`` random full-domain windows of ``path``."""
+    from nowcast.data.radar import RadarDataModule
+
+    torch.set_num_threads(1)
+    rss0 = _vm_hwm_mib()
+    t0 = time.perf_counter()
+    dm = RadarDataModule(path, input_steps=t_in, output_steps=t_out, downsample=downsample,
+                         test_period=["1900-01-01", "2200-01-01"], **reader)
+    ds = dm.dataset("test")
+    setup_s = time.perf_counter() - t0
+    order = np.random.default_rng(0).permutation(len(ds))[:windows]
+    t0 = time.perf_counter()
+    for i in order:
+        sample = ds[int(i)]
+    rate = len(order) / (time.perf_counter() - t0)
+    return {"setup_s": setup_s, "windows_per_s": rate, "windows": len(order),
+            "peak_rss_mib": _vm_hwm_mib(),
+            "rss_after_imports_mib": rss0, "frame_shape": list(sample["inputs"].shape[-2:]),
+            "native_shape": list(dm.archive.native_shape)}
+
+
+def bench_real(args: argparse.Namespace, tmp: str) -> None:
+    """Raw files through the importer vs a Zarr store of the same frames."""
+    from nowcast.data.radar_io import RadarArchive, list_frames
+    from nowcast.data.radar_zarr import write_zarr
+
+    reader = {"importer": args.importer, "importer_kwargs": args.importer_kwargs,
+              "filename_time_format": args.filename_time_format}
+    files = [str(f) for _, f in list_frames(args.real, args.importer, args.filename_time_format)]
+    files = files[: args.frames[0]]
+    store = Path(tmp) / "archive.zarr"
+    t0 = time.perf_counter()
+    # the store holds the training resolution: block means computed once, at conversion
+    write_zarr(RadarArchive(files, cache_frames=0, downsample=args.downsample, **reader), store)
+    size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
+    raw_size = sum(Path(f).stat().st_size for f in files) / 2**20
+    log.info("wrote the Zarr store of %d frames in %.0f s: %.0f MiB (raw files %.0f MiB)",
+             len(files), time.perf_counter() - t0, size, raw_size)
+    rows = []
+    for label, path, kwargs, downsample in (("raw files", files, reader, args.downsample),
+                                            ("Zarr store", str(store), {}, 1)):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-real", json.dumps([path, kwargs]), "--windows",
+             str(args.windows), "--downsample", str(downsample), "--t-in", str(args.t_in),
+             "--t-out", str(args.t_out)],
+            check=True, capture_output=True, text=True,
+        )
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((label, r))
+        log.info("  %-10s native %s -> %s: scan %.2f s, %.3f windows/s (%d windows of %d frames), "
+                 "peak RSS %.0f MiB (%.0f after imports)", label, r["native_shape"], r["frame_shape"],
+                 r["setup_s"], r["windows_per_s"], r["windows"], args.t_in + args.t_out,
+                 r["peak_rss_mib"], r["rss_after_imports_mib"])
+    log.info("Zarr / raw: x%.1f windows/s", rows[1][1]["windows_per_s"] / rows[0][1]["windows_per_s"])
+    # the same window from both: identical values
+    from nowcast.data.radar import RadarDataModule
+
+    period = ["1900-01-01", "2200-01-01"]
+    a = RadarDataModule(files, downsample=args.downsample, input_steps=args.t_in, output_steps=args.t_out,
+                        test_period=period, **reader).dataset("test")[0]
+    b = RadarDataModule(str(store), input_steps=args.t_in, output_steps=args.t_out,
+                        test_period=period).dataset("test")[0]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    log.info("window 0 is identical from both")
+
+
 def time_train_step(batch_size: int, t_in: int, t_out: int, size: int, steps: int = 2) -> float:
     """Windows/s of an Adam step of ConvLSTM2D(1, [32, 32]) + 1x1 head at ``size``^2."""
     from nowcast.nn import ConvLSTM2D
@@ -162,9 +250,25 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=1, help="batch of the timed train step")
     parser.add_argument("--train-steps", type=int, default=1, help="timed train steps (after a warm-up)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the archives (default: a temp dir)")
+    parser.add_argument("--real", default=None, help="a real archive: raw files vs Zarr (see above)")
+    parser.add_argument("--importer", default=None)
+    parser.add_argument("--importer-kwargs", type=json.loads, default={})
+    parser.add_argument("--filename-time-format", default=None)
+    parser.add_argument("--t-in", type=int, default=4)
+    parser.add_argument("--t-out", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-real", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.child_real is not None:
+        path, reader = json.loads(args.child_real)
+        print(json.dumps(run_windows(path, reader, args.windows, args.t_in, args.t_out, args.downsample)))
+        return
+    if args.real is not None:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            bench_real(args, tmp)
+        return
 
     if args.child is not None:
         print(json.dumps(run_loader(args.child, args.windows, args.batch_size, args.num_workers,
