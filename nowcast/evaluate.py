@@ -364,7 +364,7 @@ def write_forecasts_netcdf(path: Path, forecasts: np.ndarray, issue_times: np.nd
     grid = datamodule.grid
     h, w = grid.shape
     forecasts = forecasts[..., :h, :w]  # (N, T_out, H, W) without the masked padding
-    step = datamodule.archive.step  # numpy timedelta64
+    step = datamodule.step  # numpy timedelta64: the experiment's step, not an archive's own
     leads = (np.arange(1, forecasts.shape[1] + 1) * step).astype("timedelta64[m]")
     attrs = {"units": units, "long_name": "nowcast rain rate"}
     if units == "mm/h":
