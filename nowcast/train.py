@@ -301,19 +301,21 @@ def warn_without_validation(cfg: DictConfig) -> bool:
 
 def _summarise(metrics: dict[str, float], trainer: L.Trainer, output_dir: Path) -> None:
     """The run's last lines: model vs persistence, and where everything is."""
-    model_mse = metrics.get("val/mse")
-    base_mse = metrics.get("val/persistence/mse")
-    if model_mse is not None and base_mse is not None and not math.isnan(base_mse):
+    for stage, name in (("val", "validation"), ("test", "test")):
+        model_mse = metrics.get(f"{stage}/mse")
+        base_mse = metrics.get(f"{stage}/persistence/mse")
+        if model_mse is None or base_mse is None or math.isnan(base_mse):
+            continue
         gain = 100.0 * (1.0 - model_mse / base_mse) if base_mse > 0 else float("nan")
         verdict = "better than" if model_mse < base_mse else "NOT better than"
         change = f"{gain:.1f}% lower error" if gain >= 0 else f"{-gain:.1f}% higher error"
         log.info(
-            "validation MSE: model %.5f vs persistence %.5f -> the model is %s persistence (%s)",
-            model_mse, base_mse, verdict, change,
+            "%s MSE: model %.5f vs persistence %.5f -> the model is %s persistence (%s)",
+            name, model_mse, base_mse, verdict, change,
         )
-        for key in ("val/ssim", "val/mse_frame", "val/csi_1mmh"):
+        for key in (f"{stage}/ssim", f"{stage}/mse_frame", f"{stage}/csi_1mmh"):
             if key in metrics:
-                base = metrics.get(key.replace("val/", "val/persistence/"), float("nan"))
+                base = metrics.get(key.replace(f"{stage}/", f"{stage}/persistence/"), float("nan"))
                 log.info("%s: model %.4f vs persistence %.4f", key, metrics[key], base)
     ckpt = trainer.checkpoint_callback
     if ckpt is not None:

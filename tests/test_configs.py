@@ -84,7 +84,7 @@ def test_wandb_offline_needs_no_account(tmp_path, monkeypatch):
 def test_multirun_sweep_from_the_command_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "train.py", "-m", "model.optimizer.lr=0.001,0.002",
-         *TINY, "+trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}",
+         *TINY, "trainer.fast_dev_run=true", f"paths.log_dir={tmp_path}",
          f"paths.data_dir={tmp_path}/data"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
@@ -92,3 +92,27 @@ def test_multirun_sweep_from_the_command_line(tmp_path):
     runs = sorted((tmp_path / "train" / "multiruns").glob("*/[0-9]"))
     assert [r.name for r in runs] == ["0", "1"]
     assert (runs[1] / ".hydra" / "overrides.yaml").read_text().count("lr=0.002") == 1
+
+
+def test_default_run_is_the_light_task_on_a_time_budget(tmp_path):
+    """`python train.py`: one digit, the motion head, 8 minutes of training whose schedule
+    ends with the budget, then the test set; the standard task is one override away."""
+    cfg = compose_config("train", [], tmp_path)
+    assert cfg.data.num_digits == 1 and cfg.data.frame_size == 64
+    assert (cfg.data.input_steps, cfg.data.output_steps) == (10, 10)
+    assert cfg.model.net.output == "motion" and cfg.test is True
+    assert cfg.model.net.hidden_channels == [16, 32]
+    assert cfg.trainer.max_time == "00:00:08:00"
+    scheduler = instantiate(cfg.model.scheduler)(optimizer=_sgd())
+    assert scheduler.budget_s == 480.0 and scheduler.T_max == cfg.trainer.max_epochs
+    standard = compose_config("train", ["data=moving_mnist_standard"], tmp_path)
+    assert standard.data.num_digits == 2 and standard.data.data_dir != cfg.data.data_dir
+    for name in ("mmnist_shi2015", "mmnist_convlstm"):  # GPU recipes: standard task, no budget
+        exp = compose_config("train", [f"experiment={name}"], tmp_path)
+        assert exp.data.num_digits == 2 and exp.trainer.max_time is None
+
+
+def _sgd():
+    import torch
+
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

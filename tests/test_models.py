@@ -205,3 +205,69 @@ def test_probability_matching_restores_the_observed_distribution():
     net.eval()
     with torch.no_grad():
         assert transform.decode(net(x)).max() == pytest.approx(30.0, rel=1e-3)
+
+
+# -- motion output: the last frame moved ----------------------------------------------
+def test_warp_moves_a_frame_by_whole_and_fractional_pixels():
+    from nowcast.models.warp import warp
+
+    frame = torch.zeros(1, 1, 8, 8)
+    frame[0, 0, 2, 3] = 1.0
+    shift = torch.zeros(1, 2, 2, 8, 8)
+    shift[:, 0, 0] = 2.0  # lead 1: 2 px right
+    shift[:, 1, 1] = -1.5  # lead 2: 1.5 px up
+    out = warp(frame, shift)
+    assert out.shape == (1, 2, 1, 8, 8)
+    assert out[0, 0, 0, 2, 5] == 1.0 and out[0, 0].sum() == 1.0
+    # half a pixel between rows 0 and 1 (bilinear), nothing else
+    torch.testing.assert_close(out[0, 1, 0, :2, 3], torch.tensor([0.5, 0.5]))
+    assert out[0, 1].sum() == pytest.approx(1.0)
+    out = warp(frame, torch.full((1, 1, 2, 8, 8), 20.0))  # moved out of the frame: zeros come in
+    assert out.abs().sum() == 0
+    with pytest.raises(ValueError, match=r"expected frame \(B, C, H, W\) and displacement \(B, T, 2, H, W\)"):
+        warp(frame, torch.zeros(1, 2, 8, 8))
+
+
+def test_motion_output_starts_as_persistence_and_learns_a_shift():
+    """The untrained motion head is persistence; a few Adam steps on one sequence of a
+    square moving 2 px right per frame teach it the shift (sharp, unlike a drawn frame)."""
+    torch.manual_seed(0)
+    net = EncoderForecaster(1, 1, [8, 8], 3, (1, 2, 2), 3, 2, (16, 16), patch_size=2,
+                            output="motion", output_activation="identity")
+    frames = torch.zeros(1, 5, 1, 16, 16)
+    for t in range(5):
+        frames[0, t, 0, 5:9, 1 + 2 * t : 5 + 2 * t] = 1.0
+    x, y = frames[:, :3], frames[:, 3:]
+    torch.testing.assert_close(net(x), x[:, -1:].expand(1, 2, 1, 16, 16))
+    persistence = ((x[:, -1:] - y) ** 2).mean()
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    assert loss < 0.1 * persistence
+
+
+def test_translation_output_moves_the_whole_frame_rigidly():
+    """One velocity per lead (the head's bias here: 0.5 patch = 1 px right per frame) moves
+    every pixel of the last frame alike; lead k is the frame shifted by k pixels."""
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 3, 2, (16, 16), patch_size=2,
+                            output="translation", output_activation="identity")
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.5, 0.0]))  # (dx, dy) in patch widths per frame
+    x = torch.rand(2, 3, 1, 16, 16)
+    y = net(x)
+    last = x[:, -1, 0]
+    torch.testing.assert_close(y[:, 0, 0, :, 1:], last[:, :, :-1])  # 1 px right
+    torch.testing.assert_close(y[:, 1, 0, :, 2:], last[:, :, :-2])  # 2 px right
+    assert y[:, :, 0, :, 0].abs().max() < 1e-6  # zeros came in from the left
+
+
+def test_motion_output_arguments():
+    with pytest.raises(ValueError, match="output='motion' moves the last input frame"):
+        EncoderForecaster(1, 1, [4], output="motion")  # sigmoid would squash the frame
+    with pytest.raises(ValueError, match="output='motion' moves the last input frame"):
+        EncoderForecaster(1, 2, [4], output="motion", output_activation="identity")
+    with pytest.raises(ValueError, match="output must be 'frames', 'motion' or 'translation', got 'flow'"):
+        EncoderForecaster(1, 1, [4], output="flow")
