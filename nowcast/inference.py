@@ -281,7 +281,7 @@ class TorchForecaster(Forecaster):
         self.spatial_divisor = int(getattr(net, "spatial_divisor", 1))
         self.lead_times = list(module.lead_times or [f"lead{k + 1:02d}" for k in range(self.output_steps)])
         self.time_step = parse_step(self.lead_times[0])
-        data = {} if run_cfg is None else _plain(run_cfg.get("data", {}))
+        data = {} if run_cfg is None else plain_config(run_cfg.get("data", {}))
         self.reader = reader_settings(data)
         self.grid_spacing = None
 
@@ -319,7 +319,7 @@ def load_forecaster(ckpt_path: str | Path, tiling: Tiling | None = None) -> Torc
 
     module, _datamodule, run_cfg = load_run(ckpt_path)
     forecaster = TorchForecaster(module, run_cfg, tiling, source=str(ckpt_path))
-    forecaster.grid_spacing = training_grid_spacing(forecaster.reader, _plain(run_cfg.data).get("path"),
+    forecaster.grid_spacing = training_grid_spacing(forecaster.reader, plain_config(run_cfg.data).get("path"),
                                                     forecaster.time_step)
     return forecaster
 
@@ -464,7 +464,7 @@ def run_baselines(x: Tensor, num_leads: int, names: Sequence[str], **kwargs: Any
     return out
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
+def plain_config(cfg: Any) -> dict[str, Any]:
     """An OmegaConf node (or dict) as plain containers, interpolations resolved."""
     from omegaconf import DictConfig, OmegaConf
 
