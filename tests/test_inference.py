@@ -34,12 +34,13 @@ TINY_RADAR = [
 ]
 
 
-def make_checkpoint(tmp_path: Path, overrides: list[str] = (), seed: int = 0) -> Path:
+def make_checkpoint(tmp_path: Path, overrides: list[str] = (), seed: int = 0,
+                    base: list[str] = TINY_RADAR) -> Path:
     """Build the LightningModule from the real configs (tiny sizes) and save a checkpoint
     the way ``nowcast.train`` does: Lightning's ``state_dict`` plus the module's
     ``on_save_checkpoint`` (which stores the resolved run config as ``nowcast_config``)."""
     radar = shared_path("radar", "bom-66-prcp-c10")
-    cfg = compose_config("train", [*TINY_RADAR, f"data.path={radar}", *overrides], tmp_path / "train")
+    cfg = compose_config("train", [*base, f"data.path={radar}", *overrides], tmp_path / "train")
     torch.manual_seed(seed)
     model = instantiate(cfg.model)
     run_config = OmegaConf.to_container(cfg, resolve=True)
