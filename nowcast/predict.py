@@ -52,6 +52,7 @@ from nowcast.inference import (
     plain_config,
     run_baselines,
 )
+from nowcast.nn.conv import get_cpu_conv_backend, set_cpu_conv_backend
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +410,15 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     if unknown or not methods:
         raise ValueError(f"methods must be among model, {', '.join(BASELINE_METHODS)}; got {methods}")
     output_dir = check_writable(Path(cfg.output_dir))  # before loading or computing anything
+    policy = get_cpu_conv_backend()
+    set_cpu_conv_backend(cfg.get("cpu_conv_backend") or policy)
+    try:
+        return _predict(cfg, methods, output_dir)
+    finally:
+        set_cpu_conv_backend(policy)  # a process-wide setting: leave it as found
+
+
+def _predict(cfg: DictConfig, methods: list[str], output_dir: Path) -> list[dict[str, Any]]:
     forecaster, provenance = build_forecaster(cfg)
     torch.set_num_threads(int(cfg.threads)) if cfg.get("threads") else None
     predictor = Predictor(forecaster, methods, output_dir, prefix=cfg.get("prefix", "nowcast"),
