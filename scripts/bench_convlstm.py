@@ -12,7 +12,9 @@ Measured, interleaved in one run (so machine noise hits both alike), median of
 
 * training step: forward, MSE loss, backward, ``Adam.step`` -- in sequences/second;
 * forward only (``torch.no_grad``);
-* the same with ``torch.autocast`` in bf16 (convolutions in bf16);
+* the same with ``torch.autocast`` in bf16 (convolutions in bf16); on a CPU without
+  native bf16 (x86 without ``avx512_bf16`` / ``amx_bf16``, Arm without ``bf16``) torch
+  emulates it, so these rows are skipped there unless ``--force-low-precision``;
 * achieved GFLOP/s of the training step (FLOPs counted by
   ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the machine's practical
   peak, measured in the same run as the best of a few large convolutions
@@ -26,17 +28,25 @@ Measured, interleaved in one run (so machine noise hits both alike), median of
   it includes allocator and oneDNN scratch, so it is an upper bound on tensor memory.
   On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation before.
 
-Prints a Markdown table ready to paste into ``docs/benchmarks.md``.
+Prints a Markdown table ready to paste into ``docs/benchmarks.md``, headed by the
+machine it ran on: CPU model and the flags that decide the fast kernels (AVX2, AVX-512,
+native bf16/fp16, AMX), torch version, threads, and the GPU where ``--device cuda``.
+
+Configs: S and P (``--config all``) are the CPU benchmarks; G (B 16, T 10, 1x128x128,
+hidden [128, 128, 128], kernel 3) is the GPU one, run by ``scripts/gpu_check.sh``.
 
 Example::
 
     python scripts/bench_convlstm.py --config all --repeats 3 --threads 2
+    python scripts/bench_convlstm.py --config G --device cuda --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import resource
 import statistics
@@ -77,7 +87,77 @@ class Config:
 CONFIGS = {
     "S": Config("S", 8, 20, 1, 64, (64, 64), 3),
     "P": Config("P", 4, 20, 1, 64, (128, 64, 64), 5),
+    # GPU: T 10 keeps the reference's per-step autograd tensors (~1.8 GB per layer and
+    # step in float32) well inside one card's memory.
+    "G": Config("G", 16, 10, 1, 128, (128, 128, 128), 3),
 }
+#: What ``--config all`` runs: the CPU benchmarks (G is hours on a CPU).
+ALL = ("S", "P")
+
+
+# -- the machine ---------------------------------------------------------------------------
+#: /proc/cpuinfo flags that decide which CPU kernels torch can use.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "bf16", "asimdhp")
+
+
+def cpu_info() -> dict[str, str | list[str]]:
+    """CPU model and the flags in :data:`CPU_FLAGS` it has, from ``/proc/cpuinfo``.
+
+    A local helper: ``nowcast.nn`` has no CPU-capability detection yet.
+    """
+    model, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "features"):  # x86 "flags", Arm "Features"
+                    flags.update(value.split())
+    except OSError:  # not Linux: model from platform, no flags
+        pass
+    model = model or platform.processor() or platform.machine()
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def native_on_cpu(dtype: torch.dtype, flags: list[str]) -> bool:
+    """Whether the CPU computes ``dtype`` in hardware; torch emulates it (slowly) otherwise.
+
+    bf16: ``avx512_bf16`` or ``amx_bf16`` on x86, ``bf16`` on Arm; fp16: ``avx512_fp16``
+    or ``amx_fp16`` on x86, ``asimdhp`` on Arm. float32/float64 are always native.
+    """
+    needs = {
+        torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
+        torch.float16: ("avx512_fp16", "amx_fp16", "asimdhp"),
+    }.get(dtype)
+    return needs is None or any(f in flags for f in needs)
+
+
+def machine_lines(args: argparse.Namespace, peak: float) -> list[str]:
+    """The header every table is printed with: what it ran on."""
+    cpu = cpu_info()
+    peak_text = "not measured" if math.isnan(peak) else f"{peak:.0f} GFLOP/s"
+    lines = [
+        f"CPU: {cpu['model']} ({os.cpu_count()} logical CPUs); flags: "
+        f"{', '.join(cpu['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"device {args.device}, dtype {args.dtype}, our layer: memory_format "
+        f"{args.memory_format}, CPU conv backend {args.conv_backend}; practical peak "
+        f"(best large conv fwd+bwd) {peak_text}",
+    ]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        lines.append("GPU: none visible to torch")
+    elif args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        lines.append(
+            f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability "
+            f"{props.major}.{props.minor}, CUDA {torch.version.cuda}, cuDNN "
+            f"{torch.backends.cudnn.version()}; float32 convolutions in TF32: "
+            f"{torch.backends.cudnn.allow_tf32}"
+        )
+    return lines
 
 
 # -- the common reference implementation --------------------------------------------------
@@ -285,6 +365,11 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
     print(f"[{cfg.name}] {cfg.describe()}: max |ours - reference| = {diff:.2e}", file=sys.stderr)
 
     half = getattr(torch, args.autocast) if args.autocast != "none" else None
+    if half is not None and device == "cpu" and not args.force_low_precision:
+        if not native_on_cpu(half, cpu_info()["flags"]):
+            print(f"[{cfg.name}] {args.autocast} rows skipped: this CPU emulates {args.autocast} "
+                  "(--force-low-precision runs them)", file=sys.stderr)
+            half = None
     cases: dict[str, Callable[[], None]] = {
         "reference train": train_step_fn(ref, x, y, None),
         "ours train": train_step_fn(ours, x, y, None),
@@ -341,7 +426,8 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="all", help="S, P or all")
+    parser.add_argument("--config", default="all", choices=[*CONFIGS, "all"],
+                        help="S, P, G (GPU) or all (= S and P)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -353,6 +439,10 @@ def main() -> None:
     parser.add_argument("--conv-backend", default="auto", choices=["auto", "native", "nnpack"],
                         help="CPU convolution kernels of our layer (nowcast.nn.conv)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--force-low-precision", action="store_true",
+                        help="run the autocast rows on a CPU that emulates that dtype (slow)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the machine header and the configs, run nothing")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -360,19 +450,18 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     set_cpu_conv_backend(args.conv_backend)
-    names = list(CONFIGS) if args.config == "all" else [args.config]
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
+        parser.error("--device cuda: torch sees no CUDA GPU")
+    names = list(ALL) if args.config == "all" else [args.config]
     if args.steps:
         for name in names:
             CONFIGS[name] = replace(CONFIGS[name], steps=args.steps)
     dtype = getattr(torch, args.dtype)
-    peak = machine_peak(args.device, dtype, None)
+    peak = float("nan") if args.dry_run else machine_peak(args.device, dtype, None)
     lines = [
         f"Command: `python {' '.join(sys.argv)}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {args.device}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, dtype {args.dtype}, "
-        f"our layer: memory_format {args.memory_format}, CPU conv backend {args.conv_backend}; "
-        f"practical peak (best large conv fwd+bwd) {peak:.0f} GFLOP/s",
+        *machine_lines(args, peak),
         "",
         *[f"- {n}: {CONFIGS[n].describe()}" for n in names],
         "",
@@ -380,9 +469,13 @@ def main() -> None:
         "| page faults |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    # The header first and each config's rows as they finish: a run stopped by a time
+    # limit (scripts/gpu_check.sh) keeps what it measured.
+    print("\n".join(lines), flush=True)
+    if args.dry_run:
+        return
     for name in names:
-        lines += bench_config(CONFIGS[name], args, peak)
-    print("\n".join(lines))
+        print("\n".join(bench_config(CONFIGS[name], args, peak)), flush=True)
 
 
 if __name__ == "__main__":
