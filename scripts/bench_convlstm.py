@@ -53,7 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -356,7 +356,8 @@ def measure_memory(cfg: Config, args: argparse.Namespace, model: str, checkpoint
 
 
 # -- main ---------------------------------------------------------------------------------------
-def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str]:
+def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> Iterator[str]:
+    """The table rows of one config, each yielded as soon as it is measured."""
     device, dtype = args.device, getattr(torch, args.dtype)
     ours, ref = build(cfg, device, dtype, memory_format=args.memory_format)
     x, y = make_batch(cfg, device, dtype)
@@ -408,7 +409,8 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
             f"{statistics.median(faults[name]) / 1000:.0f}k |"
         )
 
-    rows = [row(name, "reference train" if "train" in name else "reference forward") for name in cases]
+    for name in cases:
+        yield row(name, "reference train" if "train" in name else "reference forward")
     if not args.skip_memory:
         chunk = max(cfg.steps // 4, 1)
         mem = {
@@ -416,12 +418,11 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
             "ours": measure_memory(cfg, args, "ours", 0),
             f"ours, checkpoint_steps={chunk}": measure_memory(cfg, args, "ours", chunk),
         }
-        rows.append(
+        yield (
             f"| {cfg.name} | peak memory of a train step (MiB) | "
             + ", ".join(f"{k}: {v:.0f}" for k, v in mem.items())
             + " | | | | | |"
         )
-    return rows
 
 
 def main() -> None:
@@ -475,7 +476,8 @@ def main() -> None:
     if args.dry_run:
         return
     for name in names:
-        print("\n".join(bench_config(CONFIGS[name], args, peak)), flush=True)
+        for row in bench_config(CONFIGS[name], args, peak):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
