@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from nowcast.baselines import persistence
@@ -29,6 +30,7 @@ from nowcast.metrics import (
     ImageScores,
     flatten_scores,
 )
+from nowcast.nn.cpu import emulated_bf16_warning
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,13 @@ class NowcastModule(L.LightningModule):
             names = getattr(self.trainer.datamodule, "lead_times", None)
             if names is not None and len(names) == self.num_leads:
                 self.lead_times = list(names)
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cpu":
+            warning = emulated_bf16_warning(getattr(self.trainer, "precision", None))
+            if warning:
+                log.warning(warning)
+                rank_zero_warn(warning)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T_in, C, H, W)`` -> ``(B, T_out, C, H, W)``, network space."""

@@ -10,6 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from nowcast.nn import backend
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -47,6 +49,24 @@ def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfi
     HydraConfig.instance().set_config(cfg)
     GlobalHydra.instance().clear()
     return cfg
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--nn-reference", action="store_true",
+        help="run with every nowcast.nn fast path off (nowcast.nn.backend.reference()); "
+             "tests of a fast path switch it on themselves",
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _nn_backend(request):
+    """The whole session on the reference path with ``--nn-reference``."""
+    if request.config.getoption("--nn-reference"):
+        with backend.reference():
+            yield
+    else:
+        yield
 
 
 @pytest.fixture

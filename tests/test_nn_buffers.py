@@ -4,11 +4,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nowcast.nn import ConvLSTM2D, buffers
+from nowcast.nn import ConvLSTM2D, backend, buffers
 from nowcast.nn import conv as conv_backend
 
 CL = torch.channels_last
 onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def fast_paths():
+    """These tests are about the pool and the in-place convolutions: switched on also in a
+    ``--nn-reference`` session."""
+    with backend.override(buffer_pool=True, inplace_add=True, fused=True):
+        yield
 
 
 @pytest.fixture

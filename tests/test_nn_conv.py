@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nowcast.nn import ConvLSTM2D
+from nowcast.nn import ConvLSTM2D, backend
 from nowcast.nn import conv as conv_backend
 
 nnpack = pytest.mark.skipif(not torch._nnpack_available(), reason="this torch build has no NNPACK")
@@ -12,9 +12,10 @@ nnpack = pytest.mark.skipif(not torch._nnpack_available(), reason="this torch bu
 
 @pytest.fixture
 def policy():
-    """Set the backend policy for one test; restore 'auto' afterwards."""
+    """Set the backend policy for one test; restore the session's afterwards."""
+    before = conv_backend.get_cpu_conv_backend()
     yield conv_backend.set_cpu_conv_backend
-    conv_backend.set_cpu_conv_backend("auto")
+    conv_backend.set_cpu_conv_backend(before)
 
 
 @nnpack
@@ -60,8 +61,8 @@ def test_convlstm_layer_same_on_either_kernel(policy, monkeypatch):
     layer = ConvLSTM2D(2, [8, 6], [5, 3], memory_format="contiguous")  # NNPACK reads NCHW only
     x = torch.randn(2, 4, 2, 16, 16)
     outs, grads = [], []
-    for backend in ("native", "nnpack"):
-        policy(backend)
+    for name in ("native", "nnpack"):
+        policy(name)
         y = layer(x)
         outs.append(y)
         grads.append(torch.autograd.grad(y.square().sum(), list(layer.parameters())))
@@ -97,10 +98,11 @@ def test_fastest_memory_format_is_channels_last_where_nnpack_cannot_run(policy):
 def test_fastest_memory_format_times_each_shape_once(policy, monkeypatch):
     policy("auto")  # forget earlier tests' choices
     shape, w, pad = (2, 4, 8, 8), torch.randn(16, 4, 5, 5), (2, 2)
-    first = conv_backend.fastest_memory_format(shape, w, pad)
-    assert first in (torch.channels_last, torch.contiguous_format)
-    monkeypatch.setattr(conv_backend, "conv2d", lambda *a: pytest.fail("timed again"))
-    assert conv_backend.fastest_memory_format(shape, w, pad) == first
+    with backend.override(benchmark=True):
+        first = conv_backend.fastest_memory_format(shape, w, pad)
+        assert first in (torch.channels_last, torch.contiguous_format)
+        monkeypatch.setattr(conv_backend, "conv2d", lambda *a: pytest.fail("timed again"))
+        assert conv_backend.fastest_memory_format(shape, w, pad) == first
     assert len(conv_backend._layouts) == 1
 
 
@@ -133,8 +135,40 @@ def test_auto_layer_runs_each_layer_in_its_chosen_format(policy, first):
 def test_auto_layer_times_a_layer_once_for_every_batch_size(policy, mode):
     policy("auto")
     layer = ConvLSTM2D(1, 4, 3)
-    with mode():  # the first call (which times the layer) may come in any grad mode
-        layer(torch.randn(3, 2, 1, 8, 8))
+    with backend.override(benchmark=True):
+        with mode():  # the first call (which times the layer) may come in any grad mode
+            layer(torch.randn(3, 2, 1, 8, 8))
+        assert len(conv_backend._layouts) == 1
+        layer(torch.randn(2, 2, 1, 8, 8))  # a short last batch: same choice, not timed again
     assert len(conv_backend._layouts) == 1
-    layer(torch.randn(2, 2, 1, 8, 8))  # a short last batch: same choice, not timed again
-    assert len(conv_backend._layouts) == 1
+
+
+@nnpack
+def test_auto_without_benchmark_follows_the_rule_and_times_nothing(policy, monkeypatch):
+    policy("auto")
+    monkeypatch.setattr(conv_backend, "_fastest", lambda *a, **k: pytest.fail("timed"))
+    # 5x5 over >= 16 channels: NCHW with NNPACK; 3x3: channels_last with oneDNN
+    layer = ConvLSTM2D(1, [16, 8], [5, 3], return_state=True)
+    _, states = layer(torch.randn(2, 3, 1, 12, 12))
+    assert states[0][0].is_contiguous() and not states[0][0].is_contiguous(
+        memory_format=torch.channels_last)
+    assert states[1][0].is_contiguous(memory_format=torch.channels_last)
+    assert not conv_backend._layouts and not conv_backend._choices
+    w5, w3 = torch.randn(64, 16, 5, 5), torch.randn(64, 16, 3, 3)
+    assert conv_backend._nnpack_rule(w5) and not conv_backend._nnpack_rule(w3)
+    assert not conv_backend._nnpack_rule(torch.randn(64, 1, 5, 5))  # few input channels
+
+
+@nnpack
+def test_tune_times_the_shapes_a_model_meets_once(policy):
+    policy("auto")
+    torch.manual_seed(0)
+    layer = ConvLSTM2D(1, [16, 8], [5, 3])
+    x = torch.randn(2, 3, 1, 12, 12)
+    before = [p.grad for p in layer.parameters()]
+    counts = backend.tune(layer, x)
+    assert counts["layouts"] == 2 and counts["kernels"] >= 1
+    assert [p.grad for p in layer.parameters()] == before  # .grad left alone
+    chosen = dict(conv_backend._layouts)
+    layer(x).sum().backward()  # runs with the tuned choices, times nothing new
+    assert conv_backend._layouts == chosen

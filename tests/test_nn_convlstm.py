@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nowcast.nn import ConvLSTM2D, ConvLSTMCell
+from nowcast.nn import ConvLSTM2D, ConvLSTMCell, backend
 from nowcast.nn.convlstm import _FusedConvLSTMLayer
 
 torch.set_num_threads(1)  # tiny shapes: threading only adds overhead on a shared box
@@ -251,6 +251,7 @@ def test_one_channel_input_chunks_keep_the_first_layer_channels_last(monkeypatch
         return out
 
     monkeypatch.setattr(ConvLSTMCell, "input_conv", spy)
+    monkeypatch.setattr(backend.settings, "fused", True)  # chunked inference is a fast path
     model = ConvLSTM2D(1, [4, 3], 3, memory_format="channels_last", checkpoint_steps=3)
     x = torch.randn(2, 9, 1, 6, 6)
     if mode == "inference":
@@ -573,3 +574,20 @@ def test_other_errors() -> None:
         ConvLSTM2D(1, 2, memory_format="nhwc")
     with pytest.raises(ValueError, match="padding must be"):
         ConvLSTMCell(1, 2, padding="full")
+
+
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
+@pytest.mark.parametrize("kernel_size", [2, (3, 4)])
+def test_even_kernel_float32_runs_in_every_memory_format(memory_format, kernel_size) -> None:
+    # An even kernel's recurrent padding is the string "same"; the NNPACK eligibility
+    # check compared it with 0 and raised TypeError in float32 with the "auto" layout.
+    torch.manual_seed(0)
+    layer = ConvLSTM2D(3, 4, kernel_size=kernel_size, memory_format=memory_format)
+    x = torch.randn(2, 5, 3, 9, 11)
+    y = layer(x)
+    assert y.shape == (2, 5, 4, 9, 11)
+    reference = ConvLSTM2D(3, 4, kernel_size=kernel_size, memory_format="contiguous").double()
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(y.double(), reference(x.double()), rtol=1e-4, atol=1e-5)
+    h, states = layer.step(x[:, 0])
+    assert h.shape == (2, 4, 9, 11) and states[0][1].shape == (2, 4, 9, 11)

@@ -31,6 +31,8 @@ import threading
 import torch
 from torch import Tensor
 
+from nowcast.nn.backend import capabilities, settings
+
 __all__ = ["MAX_BUFFERS", "MIN_BYTES", "cached_bytes", "empty", "release"]
 
 #: Blocks smaller than this are plain ``torch.empty`` (glibc reuses them).
@@ -51,7 +53,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     """An uninitialised contiguous tensor of ``shape``, from the pool where it applies."""
     device = torch.device(device)
     nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < MIN_BYTES or _use_count is None:
+    if (device.type != "cpu" or nbytes < MIN_BYTES or not settings.buffer_pool
+            or not capabilities().storage_use_count):
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:
         # best fit among unused blocks up to twice the size (a bf16 step then fits in

@@ -35,7 +35,6 @@ faults and zeroing cost ~30% of a training step at config S (``docs/benchmarks.m
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -46,6 +45,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from nowcast.nn import buffers
+from nowcast.nn.backend import capabilities, settings
 
 __all__ = [
     "conv2d",
@@ -53,42 +53,46 @@ __all__ = [
     "conv2d_backward",
     "conv2d_input_grad",
     "fastest_memory_format",
+    "clear_tuning",
     "get_cpu_conv_backend",
     "set_cpu_conv_backend",
 ]
 
-_POLICIES = ("auto", "native", "nnpack")
-_policy = os.environ.get("NOWCAST_CPU_CONV", "auto")
-_choices: dict[tuple, bool] = {}  # shape key -> use NNPACK
-_layouts: dict[tuple, torch.memory_format] = {}  # shape key -> fastest memory format
-_nnpack: bool | None = None  # availability, probed once
+_choices: dict[tuple, bool] = {}  # shape key -> use NNPACK, from tune() / benchmark
+_layouts: dict[tuple, torch.memory_format] = {}  # shape key -> memory format, likewise
+
+#: ``"auto"`` picks NNPACK for kernels at least this large (where its FFT kernels win) ...
+NNPACK_MIN_KERNEL = 5
+#: ... and at least this many input channels (oneDNN wins on few-channel inputs).
+NNPACK_MIN_CHANNELS = 16
 
 
 def set_cpu_conv_backend(policy: str) -> None:
-    """``"auto"`` (time both kernels per shape), ``"native"`` or ``"nnpack"``."""
-    global _policy
-    if policy not in _POLICIES:
-        raise ValueError(f"CPU convolution backend must be one of {_POLICIES}, got {policy!r}")
-    _policy = policy
+    """Set ``nowcast.nn.backend.settings.cpu_conv``: ``"auto"``, ``"native"`` (always
+    ``F.conv2d``, i.e. oneDNN) or ``"nnpack"``; forgets tuned choices."""
+    settings.cpu_conv = policy
+    clear_tuning()
+
+
+def get_cpu_conv_backend() -> str:
+    """``nowcast.nn.backend.settings.cpu_conv``."""
+    return settings.cpu_conv
+
+
+def clear_tuning() -> None:
+    """Forget the kernel and layout choices made by :func:`nowcast.nn.backend.tune`."""
     _choices.clear()
     _layouts.clear()
 
 
-def get_cpu_conv_backend() -> str:
-    """The current policy (see :func:`set_cpu_conv_backend`)."""
-    if _policy not in _POLICIES:
-        raise ValueError(
-            f"NOWCAST_CPU_CONV must be one of {_POLICIES}, got {_policy!r}"
-        )
-    return _policy
+def _nnpack_rule(weight: Tensor) -> bool:
+    """The documented ``"auto"`` choice for an NNPACK-eligible convolution (untuned)."""
+    return min(weight.shape[-2:]) >= NNPACK_MIN_KERNEL and weight.shape[1] >= NNPACK_MIN_CHANNELS
 
 
 def _nnpack_available() -> bool:
-    global _nnpack
-    if _nnpack is None:
-        # Also initialises NNPACK; its kernels fail until this has run once.
-        _nnpack = bool(torch._nnpack_available())
-    return _nnpack
+    # The probe also initialises NNPACK; its kernels fail until that has run once.
+    return capabilities().nnpack
 
 
 def _eligible(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> bool:
@@ -108,9 +112,11 @@ def _nnpack_usable(weight: Tensor, padding: tuple[int, int]) -> bool:
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
+        # an even kernel's recurrent padding is the string "same" (asymmetric): not NNPACK's
+        and not isinstance(padding, str)
         and padding[0] >= 0
         and padding[1] >= 0
-        and get_cpu_conv_backend() != "native"
+        and settings.cpu_conv != "native"
         and not torch.is_autocast_enabled("cpu")  # F.conv2d would run in bf16/fp16 there
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
@@ -146,14 +152,14 @@ def _fastest(candidates: dict, repeats: int = 3):
 def _use_nnpack(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> bool:
     if not _eligible(x, weight, padding):
         return False
-    if get_cpu_conv_backend() == "nnpack":
+    if settings.cpu_conv == "nnpack":
         return True
     if torch.are_deterministic_algorithms_enabled():
         return False  # a timing-dependent choice would make runs differ in the last bits
     key = (tuple(x.shape), tuple(weight.shape), padding, bias is not None,
            x.is_contiguous(), torch.get_num_threads())
     choice = _choices.get(key)
-    if choice is None:
+    if choice is None and settings.benchmark:
         xd, wd = x.detach(), weight.detach()
         b = None if bias is None else bias.detach()
         choice = _choices[key] = _fastest({
@@ -161,7 +167,7 @@ def _use_nnpack(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[i
             # including the copies conv2d makes for NNPACK (NCHW-contiguous only)
             True: lambda: torch._nnpack_spatial_convolution(xd.contiguous(), wd.contiguous(), b, padding),
         })
-    return choice
+    return _nnpack_rule(weight) if choice is None else choice
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -194,7 +200,8 @@ def _onednn_inplace(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bo
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
-        and torch.backends.mkldnn.is_available()
+        and settings.inplace_add
+        and (capabilities().onednn_add_bf16 if x.dtype == torch.bfloat16 else capabilities().onednn_add)
     )
 
 
@@ -222,7 +229,7 @@ def _out_shape(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> tuple[int
 
 def _into_buffer(x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> bool:
     """A large channels_last output that :class:`_ConvIntoBuffer` can write into a pool block."""
-    if not _onednn_inplace(x, weight, bias) or min(padding) < 0:
+    if not (settings.buffer_pool and _onednn_inplace(x, weight, bias)) or min(padding) < 0:
         return False
     shape = _out_shape(x, weight, padding)
     return min(shape) > 0 and math.prod(shape) * x.dtype.itemsize >= buffers.MIN_BYTES
@@ -334,11 +341,13 @@ def fastest_memory_format(
     # validation batch size would otherwise be timed again).
     full_key = (tuple(shape[1:]), tuple(weight.shape), padding, torch.get_num_threads(), key)
     choice = _layouts.get(full_key)
-    if choice is None:
+    if choice is None and settings.benchmark:
         build = step or (lambda fmt: _conv_step(shape, weight, padding, fmt))
         formats = (torch.channels_last, torch.contiguous_format)
         # the warm-up also makes conv2d's own kernel choices for these shapes
         choice = _layouts[full_key] = _fastest({fmt: build(fmt) for fmt in formats})
+    if choice is None:  # the rule: NCHW where the recurrent convolution would take NNPACK
+        choice = torch.contiguous_format if _nnpack_rule(weight) else torch.channels_last
     return choice
 
 

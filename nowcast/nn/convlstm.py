@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from nowcast.nn import buffers
+from nowcast.nn.backend import settings
 from nowcast.nn.conv import (
     conv2d,
     conv2d_add_,
@@ -111,8 +112,15 @@ def _is_tracing() -> bool:
         or torch.compiler.is_exporting()
         or torch.jit.is_scripting()
         or torch.jit.is_tracing()
-        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or _fx_tracing()
     )
+
+
+def _fx_tracing() -> bool:
+    # private torch.fx API: without it, fx symbolic tracing is not detected (and fails
+    # on the fused autograd function, as it would with any custom Function)
+    check = getattr(getattr(torch.fx, "_symbolic_trace", None), "is_fx_symbolic_tracing", None)
+    return bool(check()) if check is not None else False
 
 
 def _frames_like(like: Tensor, steps: int, channels: int) -> Tensor:
@@ -464,7 +472,7 @@ class ConvLSTMCell(nn.Module):
         -------
         ``hs`` ``(T, B, Ch, H', W')`` and the final ``(h, c)``.
         """
-        if self._fusable and not _is_tracing():
+        if self._fusable and settings.fused and not _is_tracing():
             if torch.is_grad_enabled():
                 hs, c = _FusedConvLSTMLayer.apply(
                     x_gates, self.weight_h, *state, self._h_padding, zero_state, consume
@@ -809,7 +817,7 @@ class ConvLSTM2D(nn.Module):
         outputs: list[Tensor] = []
         states: list[State] = []
         checkpointing = self.checkpoint_steps > 0 and torch.is_grad_enabled() and self.training
-        inference = not torch.is_grad_enabled() and not _is_tracing()
+        inference = not torch.is_grad_enabled() and settings.fused and not _is_tracing()
         formats = self._layer_formats(b, *x.shape[-2:])
         for layer, cell in enumerate(self.cells):
             # .to, not .contiguous: a one-channel input is contiguous in both layouts, and
