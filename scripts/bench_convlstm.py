@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -63,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nowcast.nn import ConvLSTM2D
 from nowcast.nn.conv import get_cpu_conv_backend, set_cpu_conv_backend
+from nowcast.nn.cpu import cpu_capabilities
 
 
 @dataclass(frozen=True)
@@ -96,52 +96,34 @@ ALL = ("S", "P")
 
 
 # -- the machine ---------------------------------------------------------------------------
-#: /proc/cpuinfo flags that decide which CPU kernels torch can use.
+#: /proc/cpuinfo flags that decide which CPU kernels torch can use, shown with every table.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "bf16", "asimdhp")
 
 
-def cpu_info() -> dict[str, str | list[str]]:
-    """CPU model and the flags in :data:`CPU_FLAGS` it has, from ``/proc/cpuinfo``.
+def native_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` in hardware; torch emulates it (slowly) otherwise.
 
-    A local helper: ``nowcast.nn`` has no CPU-capability detection yet.
+    bf16: :func:`nowcast.nn.cpu.cpu_capabilities` (``avx512_bf16`` or ``amx_bf16`` on x86,
+    ``bf16`` on Arm); fp16: ``avx512_fp16`` or ``amx_fp16`` on x86, ``asimdhp`` on Arm.
+    float32/float64 are always native.
     """
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key in ("flags", "features"):  # x86 "flags", Arm "Features"
-                    flags.update(value.split())
-    except OSError:  # not Linux: model from platform, no flags
-        pass
-    model = model or platform.processor() or platform.machine()
-    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
-
-
-def native_on_cpu(dtype: torch.dtype, flags: list[str]) -> bool:
-    """Whether the CPU computes ``dtype`` in hardware; torch emulates it (slowly) otherwise.
-
-    bf16: ``avx512_bf16`` or ``amx_bf16`` on x86, ``bf16`` on Arm; fp16: ``avx512_fp16``
-    or ``amx_fp16`` on x86, ``asimdhp`` on Arm. float32/float64 are always native.
-    """
-    needs = {
-        torch.bfloat16: ("avx512_bf16", "amx_bf16", "bf16"),
-        torch.float16: ("avx512_fp16", "amx_fp16", "asimdhp"),
-    }.get(dtype)
-    return needs is None or any(f in flags for f in needs)
+    cpu = cpu_capabilities()
+    if dtype == torch.bfloat16:
+        return cpu.native_bf16
+    if dtype == torch.float16:
+        return bool({"avx512_fp16", "amx_fp16", "asimdhp"} & cpu.flags)
+    return True
 
 
 def machine_lines(args: argparse.Namespace, peak: float) -> list[str]:
     """The header every table is printed with: what it ran on."""
-    cpu = cpu_info()
+    cpu = cpu_capabilities()
+    flags = [f for f in CPU_FLAGS if f in cpu.flags]
     peak_text = "not measured" if math.isnan(peak) else f"{peak:.0f} GFLOP/s"
     lines = [
-        f"CPU: {cpu['model']} ({os.cpu_count()} logical CPUs); flags: "
-        f"{', '.join(cpu['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}; "
-        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+        f"CPU: {cpu.model} ({os.cpu_count()} logical CPUs); flags: "
+        f"{', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}; torch CPU dispatch "
+        f"{cpu.torch_capability}; bf16 {'native' if cpu.native_bf16 else 'emulated'}",
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
         f"device {args.device}, dtype {args.dtype}, our layer: memory_format "
         f"{args.memory_format}, CPU conv backend {args.conv_backend}; practical peak "
@@ -367,7 +349,7 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> Iterator
 
     half = getattr(torch, args.autocast) if args.autocast != "none" else None
     if half is not None and device == "cpu" and not args.force_low_precision:
-        if not native_on_cpu(half, cpu_info()["flags"]):
+        if not native_on_cpu(half):
             print(f"[{cfg.name}] {args.autocast} rows skipped: this CPU emulates {args.autocast} "
                   "(--force-low-precision runs them)", file=sys.stderr)
             half = None
