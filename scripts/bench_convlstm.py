@@ -394,6 +394,9 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> Iterator
     for name in cases:
         yield row(name, "reference train" if "train" in name else "reference forward")
     if not args.skip_memory:
+        if device == "cuda":  # hand the cached blocks back: the children need the card's memory
+            cases.clear()
+            torch.cuda.empty_cache()
         chunk = max(cfg.steps // 4, 1)
         mem = {
             "reference": measure_memory(cfg, args, "reference", 0),
