@@ -12,7 +12,9 @@ Measured, interleaved in one run (so machine noise hits both alike), median of
 
 * training step: forward, MSE loss, backward, ``Adam.step`` -- in sequences/second;
 * forward only (``torch.no_grad``);
-* the same with ``torch.autocast`` in bf16 (convolutions in bf16);
+* the same with ``torch.autocast`` in bf16 (convolutions in bf16); on a CPU without
+  native bf16 (x86 without ``avx512_bf16`` / ``amx_bf16``, Arm without ``bf16``) torch
+  emulates it, so these rows are skipped there unless ``--force-low-precision``;
 * achieved GFLOP/s of the training step (FLOPs counted by
   ``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the machine's practical
   peak, measured in the same run as the best of a few large convolutions
@@ -26,24 +28,31 @@ Measured, interleaved in one run (so machine noise hits both alike), median of
   it includes allocator and oneDNN scratch, so it is an upper bound on tensor memory.
   On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation before.
 
-Prints a Markdown table ready to paste into ``docs/benchmarks.md``.
+Prints a Markdown table ready to paste into ``docs/benchmarks.md``, headed by the
+machine it ran on: CPU model and the flags that decide the fast kernels (AVX2, AVX-512,
+native bf16/fp16, AMX), torch version, threads, and the GPU where ``--device cuda``.
+
+Configs: S and P (``--config all``) are the CPU benchmarks; G (B 16, T 10, 1x128x128,
+hidden [128, 128, 128], kernel 3) is the GPU one, run by ``scripts/gpu_check.sh``.
 
 Example::
 
     python scripts/bench_convlstm.py --config all --repeats 3 --threads 2
+    python scripts/bench_convlstm.py --config G --device cuda --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -53,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nowcast.nn import ConvLSTM2D
 from nowcast.nn.conv import get_cpu_conv_backend, set_cpu_conv_backend
+from nowcast.nn.cpu import cpu_capabilities
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,59 @@ class Config:
 CONFIGS = {
     "S": Config("S", 8, 20, 1, 64, (64, 64), 3),
     "P": Config("P", 4, 20, 1, 64, (128, 64, 64), 5),
+    # GPU: T 10 keeps the reference's per-step autograd tensors (~1.8 GB per layer and
+    # step in float32) well inside one card's memory.
+    "G": Config("G", 16, 10, 1, 128, (128, 128, 128), 3),
 }
+#: What ``--config all`` runs: the CPU benchmarks (G is hours on a CPU).
+ALL = ("S", "P")
+
+
+# -- the machine ---------------------------------------------------------------------------
+#: /proc/cpuinfo flags that decide which CPU kernels torch can use, shown with every table.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "bf16", "asimdhp")
+
+
+def native_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes ``dtype`` in hardware; torch emulates it (slowly) otherwise.
+
+    bf16: :func:`nowcast.nn.cpu.cpu_capabilities` (``avx512_bf16`` or ``amx_bf16`` on x86,
+    ``bf16`` on Arm); fp16: ``avx512_fp16`` or ``amx_fp16`` on x86, ``asimdhp`` on Arm.
+    float32/float64 are always native.
+    """
+    cpu = cpu_capabilities()
+    if dtype == torch.bfloat16:
+        return cpu.native_bf16
+    if dtype == torch.float16:
+        return bool({"avx512_fp16", "amx_fp16", "asimdhp"} & cpu.flags)
+    return True
+
+
+def machine_lines(args: argparse.Namespace, peak: float) -> list[str]:
+    """The header every table is printed with: what it ran on."""
+    cpu = cpu_capabilities()
+    flags = [f for f in CPU_FLAGS if f in cpu.flags]
+    peak_text = "not measured" if math.isnan(peak) else f"{peak:.0f} GFLOP/s"
+    lines = [
+        f"CPU: {cpu.model} ({os.cpu_count()} logical CPUs); flags: "
+        f"{', '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)}; torch CPU dispatch "
+        f"{cpu.torch_capability}; bf16 {'native' if cpu.native_bf16 else 'emulated'}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"device {args.device}, dtype {args.dtype}, our layer: memory_format "
+        f"{args.memory_format}, CPU conv backend {args.conv_backend}; practical peak "
+        f"(best large conv fwd+bwd) {peak_text}",
+    ]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        lines.append("GPU: none visible to torch")
+    elif args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        lines.append(
+            f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability "
+            f"{props.major}.{props.minor}, CUDA {torch.version.cuda}, cuDNN "
+            f"{torch.backends.cudnn.version()}; float32 convolutions in TF32: "
+            f"{torch.backends.cudnn.allow_tf32}"
+        )
+    return lines
 
 
 # -- the common reference implementation --------------------------------------------------
@@ -276,7 +338,8 @@ def measure_memory(cfg: Config, args: argparse.Namespace, model: str, checkpoint
 
 
 # -- main ---------------------------------------------------------------------------------------
-def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str]:
+def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> Iterator[str]:
+    """The table rows of one config, each yielded as soon as it is measured."""
     device, dtype = args.device, getattr(torch, args.dtype)
     ours, ref = build(cfg, device, dtype, memory_format=args.memory_format)
     x, y = make_batch(cfg, device, dtype)
@@ -285,6 +348,11 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
     print(f"[{cfg.name}] {cfg.describe()}: max |ours - reference| = {diff:.2e}", file=sys.stderr)
 
     half = getattr(torch, args.autocast) if args.autocast != "none" else None
+    if half is not None and device == "cpu" and not args.force_low_precision:
+        if not native_on_cpu(half):
+            print(f"[{cfg.name}] {args.autocast} rows skipped: this CPU emulates {args.autocast} "
+                  "(--force-low-precision runs them)", file=sys.stderr)
+            half = None
     cases: dict[str, Callable[[], None]] = {
         "reference train": train_step_fn(ref, x, y, None),
         "ours train": train_step_fn(ours, x, y, None),
@@ -323,25 +391,29 @@ def bench_config(cfg: Config, args: argparse.Namespace, peak: float) -> list[str
             f"{statistics.median(faults[name]) / 1000:.0f}k |"
         )
 
-    rows = [row(name, "reference train" if "train" in name else "reference forward") for name in cases]
+    for name in cases:
+        yield row(name, "reference train" if "train" in name else "reference forward")
     if not args.skip_memory:
+        if device == "cuda":  # hand the cached blocks back: the children need the card's memory
+            cases.clear()
+            torch.cuda.empty_cache()
         chunk = max(cfg.steps // 4, 1)
         mem = {
             "reference": measure_memory(cfg, args, "reference", 0),
             "ours": measure_memory(cfg, args, "ours", 0),
             f"ours, checkpoint_steps={chunk}": measure_memory(cfg, args, "ours", chunk),
         }
-        rows.append(
+        yield (
             f"| {cfg.name} | peak memory of a train step (MiB) | "
             + ", ".join(f"{k}: {v:.0f}" for k, v in mem.items())
             + " | | | | | |"
         )
-    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="all", help="S, P or all")
+    parser.add_argument("--config", default="all", choices=[*CONFIGS, "all"],
+                        help="S, P, G (GPU) or all (= S and P)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -353,6 +425,10 @@ def main() -> None:
     parser.add_argument("--conv-backend", default="auto", choices=["auto", "native", "nnpack"],
                         help="CPU convolution kernels of our layer (nowcast.nn.conv)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--force-low-precision", action="store_true",
+                        help="run the autocast rows on a CPU that emulates that dtype (slow)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the machine header and the configs, run nothing")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -360,19 +436,18 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     set_cpu_conv_backend(args.conv_backend)
-    names = list(CONFIGS) if args.config == "all" else [args.config]
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
+        parser.error("--device cuda: torch sees no CUDA GPU")
+    names = list(ALL) if args.config == "all" else [args.config]
     if args.steps:
         for name in names:
             CONFIGS[name] = replace(CONFIGS[name], steps=args.steps)
     dtype = getattr(torch, args.dtype)
-    peak = machine_peak(args.device, dtype, None)
+    peak = float("nan") if args.dry_run else machine_peak(args.device, dtype, None)
     lines = [
         f"Command: `python {' '.join(sys.argv)}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {args.device}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, dtype {args.dtype}, "
-        f"our layer: memory_format {args.memory_format}, CPU conv backend {args.conv_backend}; "
-        f"practical peak (best large conv fwd+bwd) {peak:.0f} GFLOP/s",
+        *machine_lines(args, peak),
         "",
         *[f"- {n}: {CONFIGS[n].describe()}" for n in names],
         "",
@@ -380,9 +455,14 @@ def main() -> None:
         "| page faults |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    # The header first and each config's rows as they finish: a run stopped by a time
+    # limit (scripts/gpu_check.sh) keeps what it measured.
+    print("\n".join(lines), flush=True)
+    if args.dry_run:
+        return
     for name in names:
-        lines += bench_config(CONFIGS[name], args, peak)
-    print("\n".join(lines))
+        for row in bench_config(CONFIGS[name], args, peak):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,24 @@ def test_dockerfile_installs_are_in_ci():
         assert command in ci, f"Dockerfile runs `{command}` but .ci/run does not"
 
 
+def _torch_pin(text: str, where: str) -> str:
+    pins = re.findall(r"pip install[^\n]*\btorch==([\w.+]+)", text)
+    assert len(pins) == 1, f"{where}: expected one `pip install torch==X`, found {pins}"
+    return pins[0]
+
+
+def test_docker_and_ci_install_one_torch_inside_the_declared_range():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    docker = _torch_pin((ROOT / "Dockerfile").read_text(), "Dockerfile")
+    ci = _torch_pin((ROOT / ".ci" / "run").read_text(), ".ci/run")
+    assert docker == ci, f"the image installs torch {docker}, CI tests {ci}"
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_req,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert Version(ci) in torch_req.specifier, f"CI's torch {ci} is outside pyproject's {torch_req}"
+
+
 def test_dockerfile_runs_as_non_root_with_train_entrypoint():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER\s+(?!root)\w+", text, flags=re.M)

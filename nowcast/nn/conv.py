@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils import flop_counter
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from nowcast.nn import buffers
@@ -223,7 +224,14 @@ def _add_conv_flops(other_shape, x_shape, w_shape, *args, out_shape=None, **kwar
 
 
 if hasattr(torch.ops.mkldnn, "_convolution_pointwise_"):
-    register_flop_formula(torch.ops.mkldnn._convolution_pointwise_)(_add_conv_flops)
+    _packet = torch.ops.mkldnn._convolution_pointwise_
+    register_flop_formula(_packet)(_add_conv_flops)
+    # torch 2.4 files the formula under each overload only, while FlopCounterMode looks
+    # the packet up: file it there too (a no-op where torch already did)
+    _registry = getattr(flop_counter, "flop_registry", None)
+    _wrap = getattr(flop_counter, "shape_wrapper", None)
+    if _registry is not None and _wrap is not None and _packet not in _registry:
+        _registry[_packet] = _wrap(_add_conv_flops)
 
 
 def _out_shape(x: Tensor, weight: Tensor, padding: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -123,7 +123,8 @@ def _is_tracing() -> bool:
     used because the tracer sees through them (and Inductor fuses them)."""
     return (
         torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        # torch < 2.5 has no is_exporting; torch.export runs under Dynamo there (is_compiling)
+        or getattr(torch.compiler, "is_exporting", lambda: False)()
         or torch.jit.is_scripting()
         or torch.jit.is_tracing()
         or _fx_tracing()
