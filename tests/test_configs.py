@@ -116,3 +116,18 @@ def _sgd():
     import torch
 
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+@pytest.mark.parametrize("experiment", [None, "mmnist_convlstm", "mmnist_shi2015", "radar_bom",
+                                        "radar_bom_network"])
+def test_every_recipe_builds_its_optimizer_and_scheduler(experiment, tmp_path):
+    # A recipe that swaps the scheduler must not inherit the default's arguments (OneCycleLR
+    # was handed CosineAnnealingLR's T_max and crashed at the first step).
+    overrides = [f"experiment={experiment}"] if experiment else []
+    cfg = compose_config("train", overrides, tmp_path)
+    model = instantiate(cfg.model)
+    setup = model.configure_optimizers()
+    optimizer = setup["optimizer"] if isinstance(setup, dict) else setup
+    optimizer.step()  # the scheduler's first step needs one optimizer step before it
+    if isinstance(setup, dict):
+        setup["lr_scheduler"]["scheduler"].step()
