@@ -20,7 +20,6 @@ import copy
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,9 @@ from nowcast.checkpoints import (
     load_checkpoint,
     stored_config,
 )
-from nowcast.io_utils import NO_SPACE, atomic_write_text, disk_full_error, save_figure
+from nowcast.io_utils import atomic_path, atomic_write_text, save_figure
 from nowcast.plots import forecast_panel, scores_vs_lead
+from nowcast.run_folders import config_dir
 from nowcast.safe_config import to_plain
 
 log = logging.getLogger(__name__)
@@ -387,25 +387,12 @@ def write_forecasts_netcdf(path: Path, forecasts: np.ndarray, issue_times: np.nd
     ds["issue_time"].attrs["long_name"] = "time of the last input frame"
     ds["lead_time"].attrs["long_name"] = "forecast lead time"
     encoding = {"rain_rate": {"zlib": True, "complevel": 4}}
-    # Atomic: written beside the destination, then renamed over it.
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # readers see the old file or the whole new one
         ds.to_netcdf(tmp, encoding=encoding)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno in NO_SPACE:
-            raise disk_full_error(path, err) from None
-        raise
     return path
 
 
-def _config_dir() -> str:
-    here = Path(__file__).resolve().parents[1] / "configs"
-    return str(here if here.is_dir() else Path.cwd() / "configs")
-
-
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``nowcast-evaluate`` (same as ``python evaluate.py``)."""
     evaluate(cfg)

@@ -37,6 +37,7 @@ import nowcast
 from nowcast.data.transforms import Transform
 from nowcast.inference import Tiling, TorchForecaster, load_forecaster, plain_config
 from nowcast.nn import ConvLSTM2D
+from nowcast.run_folders import config_dir
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def save_onnx(program: torch.export.ExportedProgram, example: Tensor, path: Path
     """Convert an exported program to ONNX (opset 18) with the ``nowcast`` metadata."""
     import onnx
 
-    from nowcast.predict import atomic_path
+    from nowcast.io_utils import atomic_path
 
     onnx_program = torch.onnx.export(program, (example.expand(2, *example.shape[1:]),), input_names=["rain_rate"],
                                      output_names=["forecast"], dynamo=True, opset_version=18)
@@ -215,7 +216,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     if fmt == "onnx":
         save_onnx(program, x, output, meta)
     else:
-        from nowcast.predict import atomic_path
+        from nowcast.io_utils import atomic_path
 
         with atomic_path(output) as tmp:
             torch.export.save(program, str(tmp), extra_files={"nowcast.json": json.dumps(meta)})
@@ -230,12 +231,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return {"path": output, "format": fmt, "export_seconds": seconds, "input_files": files, **check}
 
 
-def _config_dir() -> str:
-    here = Path(__file__).resolve().parents[1] / "configs"
-    return str(here if here.is_dir() else Path.cwd() / "configs")
-
-
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="export")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``nowcast-export`` (same as ``python export.py``)."""
     export(cfg)

@@ -94,6 +94,29 @@ def atomic_open(path: str | Path, mode: str = "wb", needed: int | None = None) -
     _fsync_dir(path.parent)
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a library that writes files itself (netCDF,
+    ONNX): renamed over ``path`` if the block succeeds, removed if it fails, so readers
+    see the old file or the whole new one. A full disk raises :class:`DiskFullError`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix + ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        if err.errno in NO_SPACE:
+            raise disk_full_error(path, err) from None
+        raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _remove(tmp: str) -> None:
     try:
         os.unlink(tmp)

@@ -21,16 +21,14 @@ nothing (the last good one stays), SIGTERM / Ctrl-C stop the loop cleanly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import signal
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,9 @@ from nowcast.inference import (
     plain_config,
     run_baselines,
 )
+from nowcast.io_utils import atomic_path
 from nowcast.nn.conv import get_cpu_conv_backend, set_cpu_conv_backend
+from nowcast.run_folders import config_dir
 
 log = logging.getLogger(__name__)
 
@@ -182,21 +182,6 @@ def check_grid(window: InputWindow, forecaster: Forecaster) -> None:
 
 
 # --------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path in ``path``'s folder, renamed to ``path`` if the block succeeds
-    and removed if it fails: readers see the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def check_writable(folder: Path) -> Path:
     """Create ``folder`` and prove a file can be written there; raise ``PermissionError``
     naming it otherwise (before any computing)."""
@@ -541,12 +526,7 @@ def _watch_step(predictor: Predictor, files: list[Path], last_issue: np.datetime
     return predictor.nowcast(files, skip_bad_files=True)
 
 
-def _config_dir() -> str:
-    here = Path(__file__).resolve().parents[1] / "configs"
-    return str(here if here.is_dir() else Path.cwd() / "configs")
-
-
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="predict")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Console entry point ``nowcast-predict`` (same as ``python predict.py``)."""
     predict(cfg)

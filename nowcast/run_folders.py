@@ -80,3 +80,10 @@ def _register_evaluate_data_overrides() -> None:
 
 
 _register_evaluate_data_overrides()
+
+
+def config_dir() -> str:
+    """``configs/`` beside the package (source checkout / editable install) or in the cwd:
+    the ``config_path`` of every console entry point (``nowcast-train``, ...)."""
+    here = Path(__file__).resolve().parents[1] / "configs"
+    return str(here if here.is_dir() else Path.cwd() / "configs")

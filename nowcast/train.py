@@ -33,6 +33,7 @@ from nowcast.checkpoints import (
     stored_config,
 )
 from nowcast.io_utils import AtomicCheckpointIO
+from nowcast.run_folders import config_dir
 from nowcast.safe_config import to_plain
 
 log = logging.getLogger(__name__)
@@ -328,13 +329,7 @@ def _summarise(metrics: dict[str, float], trainer: L.Trainer, output_dir: Path) 
              (ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else "<checkpoint>"))
 
 
-def _config_dir() -> str:
-    """``configs/`` beside the package (source checkout / editable install) or in the cwd."""
-    here = Path(__file__).resolve().parents[1] / "configs"
-    return str(here if here.is_dir() else Path.cwd() / "configs")
-
-
-@hydra.main(version_base="1.3", config_path=_config_dir(), config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point ``nowcast-train`` (same as ``python train.py``)."""
     metrics = train(cfg)
