@@ -84,6 +84,10 @@ class MotionNowcaster(nn.Module):
         What is advected in from outside the domain: ``"border"`` or ``"zeros"``.
     output_activation
         Applied to warped frame + change; ``relu`` keeps log rain rates (and rain) >= 0.
+    straight_through
+        With ``relu``: pass the gradient through where the sum is <= 0 (the value is still
+        clipped). Dry pixels are exactly 0 in log space, where relu's gradient is 0: rain
+        arriving on dry ground (the leading edge of a storm) would teach the flow nothing.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class MotionNowcaster(nn.Module):
         flow_smoothing: int = 9,
         padding_mode: str = "border",
         output_activation: str = "relu",
+        straight_through: bool = True,
     ) -> None:
         super().__init__()
         if flow_smoothing < 1 or flow_smoothing % 2 == 0:
@@ -109,6 +114,7 @@ class MotionNowcaster(nn.Module):
         self.flow_smoothing = int(flow_smoothing)
         self.padding_mode = padding_mode
         self.activation = make_output_activation(output_activation)
+        self.straight_through = bool(straight_through) and output_activation == "relu"
         self.in_channels = 1
         self.out_channels = 1
         self.input_steps = int(net.input_steps)
@@ -152,4 +158,7 @@ class MotionNowcaster(nn.Module):
         last = x[:, -1].unsqueeze(1).expand(b, t, 1, h, w)  # (B, T_out, 1, H, W)
         moved = warp(last.reshape(b * t, 1, h, w), displacement.flatten(0, 1),
                      self.padding_mode).unflatten(0, (b, t))  # (B, T_out, 1, H, W)
-        return self.activation(moved + change)
+        out = moved + change  # (B, T_out, 1, H, W)
+        if self.straight_through:
+            return out + (self.activation(out) - out).detach()  # relu's value, identity's gradient
+        return self.activation(out)
