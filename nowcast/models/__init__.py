@@ -3,5 +3,6 @@
 from nowcast.models.autoregressive import ConvLSTMNet
 from nowcast.models.encoder_forecaster import EncoderForecaster, Shi2015, make_output_activation
 from nowcast.models.hybrid import ExtrapolationResidual
+from nowcast.models.motion import MotionNowcaster
 
-__all__ = ["ConvLSTMNet", "EncoderForecaster", "ExtrapolationResidual", "Shi2015", "make_output_activation"]
+__all__ = ["ConvLSTMNet", "EncoderForecaster", "ExtrapolationResidual", "MotionNowcaster", "Shi2015", "make_output_activation"]

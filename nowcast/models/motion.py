@@ -1,0 +1,164 @@
+"""A motion-aware ConvLSTM nowcaster: learned advection of the last frame plus a learned change.
+
+Rain mostly moves; a ConvLSTM trained on a few hours of radar that forecasts the rain field
+itself has to learn advection pixel by pixel and blurs it away after a few leads. This
+network forecasts *how the last frame moves* instead (as TrajGRU and NowcastNet's
+evolution network do): a backbone built from :mod:`nowcast.nn` ConvLSTM layers (any
+network mapping ``(B, T_in, C, H, W)`` to ``(B, T_out, 3, H, W)``, e.g.
+:class:`~nowcast.models.EncoderForecaster`) predicts for every lead a velocity field
+``(u, v)`` in pixels per time step and a change of intensity ``r``. The displacement of
+lead ``k`` is the sum of the velocities of leads ``1..k``; the last input frame is warped
+by it with :func:`torch.nn.functional.grid_sample` (bilinear, differentiable in the flow)
+and ``r`` is added:
+
+    y_k(p) = activation(x_last(p - d_k(p)) + r_k(p)),   d_k = sum_{j<=k} v_j
+
+The backbone's last layer starts at zero, so the untrained network is persistence and
+training only moves it where the data says so. No pysteps call: the motion is the
+network's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nowcast.models.encoder_forecaster import make_output_activation
+
+
+def warp(frame: Tensor, displacement: Tensor, padding_mode: str = "border") -> Tensor:
+    """Move ``frame`` by ``displacement`` (backward warping, bilinear).
+
+    Parameters
+    ----------
+    frame
+        ``(N, C, H, W)`` fields to move.
+    displacement
+        ``(N, 2, H, W)`` displacement ``(dx, dy)`` in pixels (x to the right, y down,
+        i.e. along increasing column and row index) of the field *arriving* at each pixel:
+        ``out(p) = frame(p - d(p))``.
+    padding_mode
+        What enters from outside the domain (``grid_sample``'s ``padding_mode``):
+        ``"border"`` repeats the edge, ``"zeros"`` brings in zeros (dry in log space).
+
+    Returns
+    -------
+    ``(N, C, H, W)`` the moved field; differentiable in ``frame`` and ``displacement``.
+    """
+    if frame.dim() != 4 or displacement.dim() != 4 or displacement.shape[1] != 2:
+        raise ValueError(
+            f"expected frame (N, C, H, W) and displacement (N, 2, H, W), got "
+            f"{tuple(frame.shape)} and {tuple(displacement.shape)}"
+        )
+    n, _, h, w = frame.shape
+    ys = torch.arange(h, device=frame.device, dtype=frame.dtype)
+    xs = torch.arange(w, device=frame.device, dtype=frame.dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) pixel rows, columns
+    src_x = gx - displacement[:, 0]  # (N, H, W) where each pixel's rain comes from
+    src_y = gy - displacement[:, 1]
+    # align_corners=True: -1 and 1 are the centres of the first and last pixels.
+    grid = torch.stack((2.0 * src_x / max(w - 1, 1) - 1.0, 2.0 * src_y / max(h - 1, 1) - 1.0), dim=-1)
+    return F.grid_sample(frame, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+
+
+class MotionNowcaster(nn.Module):
+    """``(B, T_in, C, H, W)`` -> ``(B, T_out, C, H, W)``: the last frame advected by a learned
+    flow, plus a learned intensity change.
+
+    Parameters
+    ----------
+    net
+        Backbone mapping ``(B, T_in, C, H, W)`` to ``(B, T_out, 3, H, W)`` with
+        exactly 3 output channels (``u``, ``v``, ``r``) and an identity output activation,
+        e.g. :class:`~nowcast.models.EncoderForecaster` with ``out_channels=3``. Its
+        ``head`` convolution, if it has one, is zeroed (start at persistence).
+    max_speed
+        Largest speed in pixels per time step (``max_speed * tanh``): 16 px per 10 min
+        at 1 km is ~100 km/h, faster than rain systems move.
+    flow_smoothing
+        Odd box-filter width (pixels) applied to the velocity fields: a patch-wise backbone
+        (``patch_size`` 4) gives blocky velocities, and a discontinuous flow tears the
+        warped field apart. 1 disables it.
+    padding_mode
+        What is advected in from outside the domain: ``"border"`` or ``"zeros"``.
+    output_activation
+        Applied to warped frame + change; ``relu`` keeps log rain rates (and rain) >= 0.
+    straight_through
+        With ``relu``: pass the gradient through where the sum is <= 0 (the value is still
+        clipped). Dry pixels are exactly 0 in log space, where relu's gradient is 0: rain
+        arriving on dry ground (the leading edge of a storm) would teach the flow nothing.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        max_speed: float = 16.0,
+        flow_smoothing: int = 9,
+        padding_mode: str = "border",
+        output_activation: str = "relu",
+        straight_through: bool = True,
+    ) -> None:
+        super().__init__()
+        if flow_smoothing < 1 or flow_smoothing % 2 == 0:
+            raise ValueError(f"flow_smoothing must be an odd width >= 1, got {flow_smoothing}")
+        if padding_mode not in ("border", "zeros", "reflection"):
+            raise ValueError(f"padding_mode must be border, zeros or reflection, got {padding_mode!r}")
+        if getattr(net, "out_channels", 3) != 3 or getattr(net, "in_channels", 1) != 1:
+            raise ValueError(
+                "the backbone must read 1 channel and give 3 (u, v, intensity change), got "
+                f"in_channels={getattr(net, 'in_channels', None)}, out_channels={getattr(net, 'out_channels', None)}"
+            )
+        self.net = net
+        self.max_speed = float(max_speed)
+        self.flow_smoothing = int(flow_smoothing)
+        self.padding_mode = padding_mode
+        self.activation = make_output_activation(output_activation)
+        self.straight_through = bool(straight_through) and output_activation == "relu"
+        self.in_channels = 1
+        self.out_channels = 1
+        self.input_steps = int(net.input_steps)
+        self.output_steps = int(net.output_steps)
+        self.spatial_divisor = int(getattr(net, "spatial_divisor", 1))
+        head = getattr(net, "head", None)
+        if isinstance(head, nn.Conv2d):
+            nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
+
+    def motion(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Displacements and intensity changes of every lead.
+
+        Returns
+        -------
+        ``(displacement, change)``: ``(B, T_out, 2, H, W)`` in pixels (x right, y down),
+        cumulative from the last input frame, and ``(B, T_out, 1, H, W)`` in network space.
+        """
+        out = self.net(x)  # (B, T_out, 3, H, W)
+        if out.dim() != 5 or out.shape[2] != 3:
+            raise ValueError(f"the backbone must return (B, T_out, 3, H, W), got {tuple(out.shape)}")
+        b, t = out.shape[:2]
+        velocity = self.max_speed * torch.tanh(out[:, :, :2])  # (B, T_out, 2, H, W) px per step
+        if self.flow_smoothing > 1:
+            k = self.flow_smoothing
+            velocity = F.avg_pool2d(velocity.flatten(0, 1), k, stride=1, padding=k // 2,
+                                    count_include_pad=False).unflatten(0, (b, t))  # (B, T_out, 2, H, W)
+        displacement = velocity.cumsum(dim=1)  # (B, T_out, 2, H, W): lead k moved by v_1 + ... + v_k
+        return displacement, out[:, :, 2:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T_in, 1, H, W)`` (network space) -> forecast ``(B, T_out, 1, H, W)``."""
+        if x.dim() != 5 or x.shape[1] != self.input_steps or x.shape[2] != 1:
+            raise ValueError(
+                f"expected (B, T, C, H, W) with T={self.input_steps}, C=1, got {tuple(x.shape)}"
+            )
+        b, _, _, h, w = x.shape
+        displacement, change = self.motion(x)  # (B, T_out, 2, H, W), (B, T_out, 1, H, W)
+        t = self.output_steps
+        last = x[:, -1].unsqueeze(1).expand(b, t, 1, h, w)  # (B, T_out, 1, H, W)
+        moved = warp(last.reshape(b * t, 1, h, w), displacement.flatten(0, 1),
+                     self.padding_mode).unflatten(0, (b, t))  # (B, T_out, 1, H, W)
+        out = moved + change  # (B, T_out, 1, H, W)
+        if self.straight_through:
+            return out + (self.activation(out) - out).detach()  # relu's value, identity's gradient
+        return self.activation(out)

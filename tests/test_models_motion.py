@@ -1,0 +1,88 @@
+"""MotionNowcaster and warp: shapes, persistence at start, a blob moved by the flow,
+gradients reaching the flow, construction and input errors."""
+
+import pytest
+import torch
+
+from nowcast.models import EncoderForecaster, MotionNowcaster
+from nowcast.models.motion import warp
+
+
+def _net(**kwargs) -> MotionNowcaster:
+    backbone = EncoderForecaster(1, 3, [4, 4], 3, (1, 2, 2), 3, 2, (16, 16), patch_size=2,
+                                 output_activation="identity")
+    return MotionNowcaster(backbone, **kwargs)
+
+
+def test_warp_moves_a_blob_by_the_displacement():
+    frame = torch.zeros(1, 1, 20, 24)
+    frame[0, 0, 5, 7] = 1.0
+    d = torch.zeros(1, 2, 20, 24)
+    d[:, 0], d[:, 1] = 3.0, 4.0  # 3 px right (columns), 4 px down (rows)
+    out = warp(frame, d)
+    assert out.nonzero().tolist() == [[0, 0, 9, 10]]
+    assert out[0, 0, 9, 10] == pytest.approx(1.0)
+    # half a pixel: bilinear splits the blob between two columns, mass kept
+    d[:, 0], d[:, 1] = 0.5, 0.0
+    out = warp(frame, d)
+    assert out[0, 0, 5, 7] == pytest.approx(0.5) and out[0, 0, 5, 8] == pytest.approx(0.5)
+
+
+def test_untrained_network_is_persistence_and_shapes():
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.rand(2, 3, 1, 16, 16)
+    y = net(x)
+    assert y.shape == (2, 2, 1, 16, 16)
+    torch.testing.assert_close(y, x[:, -1:].expand_as(y), atol=1e-5, rtol=0)
+
+
+def test_forecast_moves_the_last_frame_by_the_predicted_flow():
+    """Force the backbone's head to a uniform velocity: the blob moves by k * v at lead k."""
+    net = _net(flow_smoothing=1, max_speed=4.0)
+    head = net.net.head  # 1x1 conv to 3 * patch**2 channels (u, v, r per sub-pixel)
+    with torch.no_grad():
+        bias = torch.zeros(3, 4)  # (channel, sub-pixel), pixel_shuffle order
+        bias[0] = torch.atanh(torch.tensor(0.5))  # u = 4 * 0.5 = 2 px per step (right)
+        bias[1] = torch.atanh(torch.tensor(-0.25))  # v = -1 px per step (up)
+        head.bias.copy_(bias.flatten())
+    x = torch.zeros(1, 3, 1, 16, 16)
+    x[0, -1, 0, 8, 4] = 1.0
+    y = net(x)
+    for k in (1, 2):
+        assert y[0, k - 1, 0].argmax().item() == (8 - k) * 16 + 4 + 2 * k
+        assert y[0, k - 1, 0].max().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_gradients_reach_the_flow_and_the_backbone():
+    torch.manual_seed(0)
+    net = _net()
+    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((rows - 8) ** 2 + (cols - 7) ** 2) / 8.0)  # (16, 16) smooth rain cell
+    x = blob.expand(2, 3, 1, 16, 16).clone()
+    target = torch.roll(blob, shifts=1, dims=-1).expand(2, 2, 1, 16, 16)  # moved 1 px right
+    loss = (net(x) - target).pow(2).mean()
+    loss.backward()
+    # The head starts at zero; the loss still reaches the u (rightward velocity) channel
+    # through the warp, and it says "more u": the gradient is negative.
+    grad = net.net.head.bias.grad.view(3, 4).sum(dim=1)  # (u, v, change)
+    assert grad[0] < -1e-4 and abs(grad[1]) < abs(grad[0]) / 10
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    opt.step()
+    opt.zero_grad()
+    (net(x) - target).pow(2).mean().backward()
+    # after one step the head is nonzero and gradients flow on into the ConvLSTM layers
+    lstm_grads = [p.grad for n, p in net.net.named_parameters() if "encoders" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in lstm_grads)
+
+
+def test_bad_input_and_bad_backbone():
+    net = _net()
+    with pytest.raises(ValueError, match=r"expected \(B, T, C, H, W\)"):
+        net(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="3 \\(u, v"):
+        MotionNowcaster(EncoderForecaster(1, 1, [4], 3, (1, 2, 2), 3, 2, (16, 16)))
+    with pytest.raises(ValueError, match="odd width"):
+        _net(flow_smoothing=4)
+    with pytest.raises(ValueError, match=r"displacement \(N, 2, H, W\)"):
+        warp(torch.rand(1, 1, 8, 8), torch.rand(1, 3, 8, 8))
