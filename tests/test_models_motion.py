@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nowcast.models import EncoderForecaster, MotionNowcaster
-from nowcast.models.motion import warp
+from nowcast.models.warp import warp
 
 
 def _net(**kwargs) -> MotionNowcaster:
@@ -17,14 +17,14 @@ def _net(**kwargs) -> MotionNowcaster:
 def test_warp_moves_a_blob_by_the_displacement():
     frame = torch.zeros(1, 1, 20, 24)
     frame[0, 0, 5, 7] = 1.0
-    d = torch.zeros(1, 2, 20, 24)
-    d[:, 0], d[:, 1] = 3.0, 4.0  # 3 px right (columns), 4 px down (rows)
-    out = warp(frame, d)
+    d = torch.zeros(1, 1, 2, 20, 24)  # (B, T, 2, H, W)
+    d[:, :, 0], d[:, :, 1] = 3.0, 4.0  # 3 px right (columns), 4 px down (rows)
+    out = warp(frame, d, padding_mode="border")[:, 0]
     assert out.nonzero().tolist() == [[0, 0, 9, 10]]
     assert out[0, 0, 9, 10] == pytest.approx(1.0)
     # half a pixel: bilinear splits the blob between two columns, mass kept
-    d[:, 0], d[:, 1] = 0.5, 0.0
-    out = warp(frame, d)
+    d[:, :, 0], d[:, :, 1] = 0.5, 0.0
+    out = warp(frame, d, padding_mode="border")[:, 0]
     assert out[0, 0, 5, 7] == pytest.approx(0.5) and out[0, 0, 5, 8] == pytest.approx(0.5)
 
 
@@ -84,5 +84,5 @@ def test_bad_input_and_bad_backbone():
         MotionNowcaster(EncoderForecaster(1, 1, [4], 3, (1, 2, 2), 3, 2, (16, 16)))
     with pytest.raises(ValueError, match="odd width"):
         _net(flow_smoothing=4)
-    with pytest.raises(ValueError, match=r"displacement \(N, 2, H, W\)"):
-        warp(torch.rand(1, 1, 8, 8), torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"displacement \(B, T, 2, H, W\)"):
+        warp(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 3, 8, 8))

@@ -25,41 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nowcast.models.encoder_forecaster import make_output_activation
-
-
-def warp(frame: Tensor, displacement: Tensor, padding_mode: str = "border") -> Tensor:
-    """Move ``frame`` by ``displacement`` (backward warping, bilinear).
-
-    Parameters
-    ----------
-    frame
-        ``(N, C, H, W)`` fields to move.
-    displacement
-        ``(N, 2, H, W)`` displacement ``(dx, dy)`` in pixels (x to the right, y down,
-        i.e. along increasing column and row index) of the field *arriving* at each pixel:
-        ``out(p) = frame(p - d(p))``.
-    padding_mode
-        What enters from outside the domain (``grid_sample``'s ``padding_mode``):
-        ``"border"`` repeats the edge, ``"zeros"`` brings in zeros (dry in log space).
-
-    Returns
-    -------
-    ``(N, C, H, W)`` the moved field; differentiable in ``frame`` and ``displacement``.
-    """
-    if frame.dim() != 4 or displacement.dim() != 4 or displacement.shape[1] != 2:
-        raise ValueError(
-            f"expected frame (N, C, H, W) and displacement (N, 2, H, W), got "
-            f"{tuple(frame.shape)} and {tuple(displacement.shape)}"
-        )
-    n, _, h, w = frame.shape
-    ys = torch.arange(h, device=frame.device, dtype=frame.dtype)
-    xs = torch.arange(w, device=frame.device, dtype=frame.dtype)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) pixel rows, columns
-    src_x = gx - displacement[:, 0]  # (N, H, W) where each pixel's rain comes from
-    src_y = gy - displacement[:, 1]
-    # align_corners=True: -1 and 1 are the centres of the first and last pixels.
-    grid = torch.stack((2.0 * src_x / max(w - 1, 1) - 1.0, 2.0 * src_y / max(h - 1, 1) - 1.0), dim=-1)
-    return F.grid_sample(frame, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+from nowcast.models.warp import warp
 
 
 class MotionNowcaster(nn.Module):
@@ -154,10 +120,7 @@ class MotionNowcaster(nn.Module):
             )
         b, _, _, h, w = x.shape
         displacement, change = self.motion(x)  # (B, T_out, 2, H, W), (B, T_out, 1, H, W)
-        t = self.output_steps
-        last = x[:, -1].unsqueeze(1).expand(b, t, 1, h, w)  # (B, T_out, 1, H, W)
-        moved = warp(last.reshape(b * t, 1, h, w), displacement.flatten(0, 1),
-                     self.padding_mode).unflatten(0, (b, t))  # (B, T_out, 1, H, W)
+        moved = warp(x[:, -1], displacement, self.padding_mode)  # (B, T_out, 1, H, W)
         out = moved + change  # (B, T_out, 1, H, W)
         if self.straight_through:
             return out + (self.activation(out) - out).detach()  # relu's value, identity's gradient
