@@ -121,7 +121,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     metrics = _scalar_metrics(trainer.callback_metrics)
 
-    if cfg.get("test"):
+    if cfg.get("test") and not _has_test_split(datamodule):
+        log.warning("test=true, but the data has no test split (no test_period): "
+                    "the test run is skipped; set data.test_period to score one")
+    elif cfg.get("test"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
@@ -129,6 +132,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         _summarise(metrics, trainer, output_dir)
     return metrics
+
+
+def _has_test_split(datamodule) -> bool:
+    """False for a datamodule that says it has no test period (radar archives without
+    ``test_period``); Moving-MNIST always has one."""
+    periods = getattr(datamodule, "split_periods", None)
+    if periods is None:
+        return True
+    return any(split.get("test") for split in periods().values())
 
 
 # ------------------------------------------------------------------------------ resume

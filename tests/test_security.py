@@ -181,9 +181,11 @@ def test_check_config_rejects(bad, message):
 def test_allowlist_names_real_classes_and_covers_the_configs():
     for name in ALLOWED_EXTERNAL:
         assert isinstance(resolve_target(name), type), name
-    # Every _target_ in configs/ outside the hydra launcher is nowcast's or allowlisted.
+    # Every _target_ in configs/ outside Hydra's own settings (launcher; the sweepers of
+    # hparams_search, which Hydra builds and no checkpoint stores) is nowcast's or allowlisted.
     root = Path(__file__).resolve().parents[1] / "configs"
-    targets = {line.split("_target_:")[1].strip() for p in root.rglob("*.yaml") if "hydra" not in p.parts
+    targets = {line.split("_target_:")[1].strip() for p in root.rglob("*.yaml")
+               if "hydra" not in p.parts and "hparams_search" not in p.parts
                for line in p.read_text().splitlines() if "_target_:" in line}
     assert targets, "no targets found"
     for target in targets:

@@ -216,7 +216,7 @@ def test_resume_continues_the_stored_run_in_its_folder(tmp_path):
     trainer.max_epochs=2` alone continues the same network, in the same folder, with one
     metrics file."""
     first = compose_config("train", TINY + ["callbacks.forecast_plots=null", "model.net.hidden_channels=[4,8]",
-                                            "model.optimizer.lr=3e-3"], tmp_path)
+                                            "model.optimizer.lr=3e-3", "test=false"], tmp_path)
     train(first)
     run = Path(first.paths.output_dir)
     (run / ".hydra").mkdir()
