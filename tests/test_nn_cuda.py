@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nowcast.nn import ConvLSTM2D
+from tests.test_nn_convlstm import _randomize
 
 pytestmark = [
     pytest.mark.cuda,
@@ -43,16 +44,6 @@ def no_tf32() -> Iterator[None]:
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _randomized(model: nn.Module) -> nn.Module:
-    """Random biases and peepholes too (they start at constants), so every term counts."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "weight_c" in name or "bias" in name:
-                p.normal_(0, 0.5)
-    return model
-
-
 def _run(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Outputs, final states, input and parameter gradients of one weighted-sum loss."""
     x = x.clone().requires_grad_()
@@ -65,7 +56,7 @@ def _run(model: nn.Module, x: Tensor) -> list[Tensor]:
 def _pair(variant: str, **kwargs) -> tuple[nn.Module, nn.Module]:
     """The same randomized two-layer stack on the CPU in float64 and on the GPU."""
     torch.manual_seed(0)
-    cpu = _randomized(
+    cpu = _randomize(
         ConvLSTM2D(2, [6, 4], 3, return_state=True, **VARIANTS[variant], **kwargs)
     ).double()
     gpu = ConvLSTM2D(2, [6, 4], 3, return_state=True, **VARIANTS[variant], **kwargs).cuda()

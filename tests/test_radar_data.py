@@ -11,7 +11,7 @@ import pytest
 import torch
 import xarray as xr
 
-from nowcast.data.radar import RadarDataModule, window_starts
+from nowcast.data.radar import RadarDataModule, window_indices
 from nowcast.data.radar_io import RadarArchive, RadarDataError, block_mean
 from nowcast.data.transforms import DBZScaled, LogRainRate, ScaledRainRate
 
@@ -266,8 +266,8 @@ def test_windows_across_gaps_are_dropped(tmp_path):
     # windows of 4 frames: starts 0..3 (before the gap) and 8..12 (after it)
     expected = T0 + np.array([1, 2, 3, 4, 9, 10, 11, 12, 13]) * STEP
     np.testing.assert_array_equal(issue, expected)
-    starts, gaps = window_starts(dm.archive.times, dm.archive.step, 4, np.ones(15, bool))
-    assert gaps == 3 and len(starts) == 9
+    windows, gaps = window_indices(dm.archive.times, dm.archive.step, 4, np.ones(15, bool))
+    assert gaps == 3 and len(windows) == 9
 
 
 def test_split_boundaries_and_strides(tmp_path):

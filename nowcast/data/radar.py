@@ -56,46 +56,6 @@ log = logging.getLogger(__name__)
 Period = PeriodSpec
 
 
-def window_starts(
-    times: np.ndarray,
-    step: np.timedelta64,
-    length: int,
-    in_split: np.ndarray,
-    stride: int = 1,
-) -> tuple[np.ndarray, int]:
-    """First-frame indices of the windows of consecutive frames that lie in one split.
-
-    Parameters
-    ----------
-    times
-        ``(N,)`` sorted frame times, datetime64.
-    step
-        Native time step; a window whose consecutive frames are not ``step`` apart spans
-        a gap and is dropped.
-    length
-        Frames per window, ``T_in + T_out``.
-    in_split
-        ``(N,)`` bool, frames of the split; a window needs all of its frames in it.
-    stride
-        Keep every ``stride``-th window of each run of consecutive valid windows.
-
-    Returns
-    -------
-    ``(starts, dropped)``: int64 ``(M,)`` start indices, and how many windows inside
-    the split were dropped because they span a gap.
-    """
-    n = len(times)
-    if n < length:
-        return np.zeros(0, dtype=np.int64), 0
-    s = np.arange(n - length + 1)
-    cs_in = np.concatenate([[0], np.cumsum(in_split)])
-    cs_ok = np.concatenate([[0], np.cumsum(np.diff(times) == step)])
-    inside = cs_in[s + length] - cs_in[s] == length
-    contiguous = cs_ok[s + length - 1] - cs_ok[s] == length - 1
-    starts = _stride(s[inside & contiguous], stride)
-    return starts.astype(np.int64), int(np.sum(inside & ~contiguous))
-
-
 def _stride(starts: np.ndarray, stride: int) -> np.ndarray:
     """Every ``stride``-th start of each run of consecutive start indices."""
     if stride > 1 and starts.size:
