@@ -35,6 +35,63 @@ class MaskedMSE(nn.Module):
         return _masked_mean((pred - target) ** 2, mask)
 
 
+class MultiScaleLoss(nn.Module):
+    """A loss summed over an average-pooling pyramid of forecast and target.
+
+    A forecast that *moves* a frame (``output="motion"``, :class:`~nowcast.models.motion.
+    MotionNowcaster`) learns where things go from the loss's gradient with respect to the
+    displacement; on full-resolution frames that gradient only sees the one pixel around
+    each sample point, so a thin stroke or a rain cell a few pixels off its target feels
+    no pull towards it, and erasing it is the cheapest step the loss offers. Pooled copies
+    of forecast and target overlap where the full-resolution ones do not, so the coarse
+    terms pull the displacement the right way from several pixels out (the coarse-to-fine
+    idea of optical-flow estimation) and penalise lost content; the full-resolution term
+    keeps the detail.
+
+    Parameters
+    ----------
+    loss
+        The loss applied at every scale, called ``loss(pred, target, mask)``; default
+        :class:`MaskedMSE`.
+    scales
+        Pooling factors, ``1`` being the frames themselves; each must divide ``H`` and
+        ``W``. Each term is a mean over its own pixels, so the scales weigh alike.
+    weights
+        One weight per scale (default all 1).
+
+    With a mask, a pooled pixel is valid where all of its pixels are.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module | None = None,
+        scales: Sequence[int] = (1, 2, 4, 8),
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.loss = loss if loss is not None else MaskedMSE()
+        self.scales = [int(s) for s in scales]
+        if not self.scales or any(s < 1 for s in self.scales):
+            raise ValueError(f"scales must be positive integers, got {list(scales)}")
+        self.weights = [1.0] * len(self.scales) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.scales):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.scales)} scales")
+
+    def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        h, w = pred.shape[-2:]
+        total = pred.new_zeros((), dtype=torch.float32)
+        for scale, weight in zip(self.scales, self.weights):
+            if h % scale or w % scale:
+                raise ValueError(f"MultiScaleLoss: scale {scale} does not divide the frame size {(h, w)}")
+            p, t, m = pred, target, mask
+            if scale > 1:
+                p, t = (F.avg_pool3d(v, (1, scale, scale)) for v in (pred, target))  # (B, T, C, H/s, W/s)
+                if mask is not None:
+                    m = -F.max_pool3d(-mask.float(), (1, scale, scale)) > 0.5  # all pixels valid
+            total = total + weight * self.loss(p, t, m)
+        return total
+
+
 class MaskedMAE(nn.Module):
     """Mean absolute error over valid pixels."""
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nowcast.data.transforms import Identity
 from nowcast.losses import BalancedMSEMAE, MaskedBCE, MaskedMAE, MaskedMSE
@@ -154,3 +155,60 @@ def test_quantile_loss_in_physical_units():
     target = transform.encode(torch.tensor([3.0, 4.0]).view(1, 2, 1, 1, 1))
     # errors +2 (under) and -6 (over) mm/h at quantile 0.75: (0.75 * 2 + 0.25 * 6) / 2
     assert QuantileLoss(0.75, transform)(pred, target).item() == pytest.approx(1.5, rel=1e-4)
+
+
+def _stroke(x0: float, size: int = 32) -> torch.Tensor:
+    """A 2-pixel-wide vertical stroke at column ``x0``, as (1, 1, 1, size, size)."""
+    img = torch.zeros(1, 1, 1, size, size)
+    img[..., 8:24, int(x0) : int(x0) + 2] = 1.0
+    return img
+
+
+def test_multiscale_loss_scale_one_is_mse_and_masks_like_it():
+    from nowcast.losses import MultiScaleLoss
+
+    pred, target = torch.rand(2, 3, 1, 8, 8), torch.rand(2, 3, 1, 8, 8)
+    assert MultiScaleLoss(scales=[1])(pred, target).item() == pytest.approx(MaskedMSE()(pred, target).item())
+    assert MultiScaleLoss(MaskedMAE(), scales=[1])(pred, target).item() == pytest.approx(
+        MaskedMAE()(pred, target).item())
+    mask = torch.ones_like(pred, dtype=torch.bool)
+    mask[..., :2, :] = False  # rows 0-1 invalid: pooled rows 0 (scale 2) and 0 (scale 4) too
+    target[..., :2, :] = float("nan")  # a NaN under the mask must not leak
+    loss = MultiScaleLoss(scales=[1, 2, 4])(pred, target, mask)
+    assert torch.isfinite(loss)
+    clean = target.nan_to_num(0.0)  # rows 0-1, excluded below
+    expected = MaskedMSE()(pred[..., 2:, :], clean[..., 2:, :]).item() + sum(
+        # the first pooled row holds an invalid pixel at scales 2 and 4
+        MaskedMSE()(F.avg_pool2d(pred.flatten(0, 2), s)[..., 1:, :],
+                    F.avg_pool2d(clean.flatten(0, 2), s)[..., 1:, :]).item()
+        for s in (2, 4)
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_multiscale_loss_pulls_a_displaced_stroke_towards_its_target():
+    """The reason it exists: a stroke moved 5.5 px too little gets no pull from plain MSE
+    (forecast and target do not overlap) but a pull the right way from the pyramid."""
+    from nowcast.losses import MultiScaleLoss
+    from nowcast.models.warp import warp
+
+    frame, target = _stroke(10), _stroke(20)  # the truth moved 10 px to the right
+    shift = torch.tensor(4.5, requires_grad=True)  # the forecast moves it 4.5 px (off-grid)
+    grads = {}
+    for name, loss_fn in (("mse", MaskedMSE()), ("pyramid", MultiScaleLoss(scales=[1, 2, 4, 8]))):
+        shift.grad = None
+        displacement = torch.stack((shift, torch.zeros(()))).view(1, 1, 2, 1, 1).expand(1, 1, 2, 32, 32)
+        pred = warp(frame[:, 0], displacement)  # (1, 1, 1, 32, 32)
+        loss_fn(pred, target).backward()
+        grads[name] = shift.grad.item()
+    assert abs(grads["mse"]) < 1e-6
+    assert grads["pyramid"] < -1e-3  # descending increases the shift, towards 10 px
+
+
+def test_multiscale_loss_rejects_a_scale_that_does_not_divide_the_frame():
+    from nowcast.losses import MultiScaleLoss
+
+    with pytest.raises(ValueError, match="scale 3 does not divide the frame size"):
+        MultiScaleLoss(scales=[1, 3])(torch.rand(1, 1, 1, 8, 8), torch.rand(1, 1, 1, 8, 8))
+    with pytest.raises(ValueError, match="2 weights for 3 scales"):
+        MultiScaleLoss(scales=[1, 2, 4], weights=[1.0, 1.0])

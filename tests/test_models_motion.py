@@ -76,6 +76,21 @@ def test_gradients_reach_the_flow_and_the_backbone():
     assert any(g is not None and g.abs().sum() > 0 for g in lstm_grads)
 
 
+def test_a_small_random_head_passes_gradient_to_the_convlstm_at_the_first_step():
+    """init_std=0 is exactly persistence but its first backward reaches no ConvLSTM
+    weight; init_std>0 reaches them at once and stays within a hair of persistence."""
+    x = torch.rand(2, 3, 1, 16, 16)
+    target = torch.roll(x[:, -1:], shifts=1, dims=-1).expand(2, 2, 1, 16, 16)
+    for std, reaches in ((0.0, False), (1e-3, True)):
+        torch.manual_seed(0)
+        net = _net(init_std=std)
+        out = net(x)
+        assert (out - x[:, -1:]).abs().max() < (0.05 if std else 1e-6)  # ~persistence
+        (out - target).pow(2).mean().backward()
+        grads = [p.grad for n, p in net.net.named_parameters() if "encoders" in n]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == reaches
+
+
 def test_bad_input_and_bad_backbone():
     net = _net()
     with pytest.raises(ValueError, match=r"expected \(B, T, C, H, W\)"):

@@ -160,6 +160,14 @@ class EncoderForecaster(nn.Module):
         erases it, another way to the blank forecast MSE rewards early in training (a
         translation head did exactly that, 0.68x persistence's MSE); with reflection a
         translation keeps all of the frame's content in view.
+    motion_init_std
+        Standard deviation of the motion head's initial weights (its bias starts at 0).
+        ``0`` makes the untrained network exactly persistence, but a zero head passes no
+        gradient back to the ConvLSTM levels: they learn only through the head's weights,
+        which grow only where the untrained features already correlate with the motion.
+        Random directions (Moving-MNIST) do not: a zero-initialised translation head
+        stayed at 0.91x persistence's MSE. A small value (``0.01``: displacements of a
+        few hundredths of a pixel) starts near persistence with a live gradient.
     """
 
     def __init__(
@@ -179,6 +187,7 @@ class EncoderForecaster(nn.Module):
         residual: bool = False,
         output: str = "frames",
         warp_padding: str = "zeros",
+        motion_init_std: float = 0.0,
     ) -> None:
         super().__init__()
         if output not in ("frames", "motion", "translation"):
@@ -250,8 +259,8 @@ class EncoderForecaster(nn.Module):
         self.pool = MaxPool3D(pool)
         head_channels = out_channels * patch_size**2 if output == "frames" else 2
         self.head = nn.Conv2d(hidden[0], head_channels, kernel_size=1)
-        if output != "frames":  # no motion at first: the untrained network is persistence
-            nn.init.zeros_(self.head.weight)
+        if output != "frames":  # (almost) no motion at first: the untrained network is persistence
+            nn.init.normal_(self.head.weight, std=float(motion_init_std))
             nn.init.zeros_(self.head.bias)
         self.activation = make_output_activation(output_activation)
 

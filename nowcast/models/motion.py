@@ -54,6 +54,13 @@ class MotionNowcaster(nn.Module):
         With ``relu``: pass the gradient through where the sum is <= 0 (the value is still
         clipped). Dry pixels are exactly 0 in log space, where relu's gradient is 0: rain
         arriving on dry ground (the leading edge of a storm) would teach the flow nothing.
+    init_std
+        Standard deviation of the backbone head's initial weights (bias 0). ``0``: the
+        untrained network is exactly persistence, but a zero head passes no gradient to
+        the ConvLSTM levels, which then learn only as far as the head's weights grow on
+        their untrained features (with rotated and flipped training windows the mean
+        motion is zero, so they hardly do). A small value keeps the start near
+        persistence with a live gradient; Adam's steps do not depend on its size.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class MotionNowcaster(nn.Module):
         padding_mode: str = "border",
         output_activation: str = "relu",
         straight_through: bool = True,
+        init_std: float = 0.0,
     ) -> None:
         super().__init__()
         if flow_smoothing < 1 or flow_smoothing % 2 == 0:
@@ -88,7 +96,7 @@ class MotionNowcaster(nn.Module):
         self.spatial_divisor = int(getattr(net, "spatial_divisor", 1))
         head = getattr(net, "head", None)
         if isinstance(head, nn.Conv2d):
-            nn.init.zeros_(head.weight)
+            nn.init.normal_(head.weight, std=float(init_std))
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
 
