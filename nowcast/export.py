@@ -6,7 +6,10 @@ encode, the encoder-forecaster with its recurrence unrolled over the fixed ``T_i
 ``T_out``, and the decode. Batch is dynamic, and so are ``H`` and ``W`` (as multiples of
 the network's ``spatial_divisor``) unless ``dynamic_hw=false``. The same command checks
 the file on a real window (``input``; default: the newest frames of the training data)
-against eager torch and logs the largest difference in mm/h.
+against eager torch (ONNX Runtime for ``.onnx``, ``torch.export.load`` for ``.pt2``) and
+logs the largest absolute difference in mm/h (all pixels, and where the forecast is <= 100
+mm/h, which ``tolerance`` judges), the largest relative difference, and both per forecast
+range (<= 10, 10-100, > 100 mm/h).
 
 The ConvLSTM layers take their step-wise (traceable) path under ``torch.export``: they
 check ``torch.compiler.is_exporting()`` (``nowcast.nn.convlstm._is_tracing``), so the
@@ -150,8 +153,45 @@ def save_onnx(program: torch.export.ExportedProgram, example: Tensor, path: Path
     return path
 
 
-def verify(path: Path, fmt: str, model: PhysicalNowcaster, x: Tensor) -> dict[str, float]:
-    """Run the file on ``x`` (mm/h) and compare with eager torch; largest differences."""
+#: Forecast ranges (mm/h) the verification reports separately: float32 rounding grows with
+#: the rain rate (the decode ``10 ** (scale y + log10 offset)`` turns an error of ``y`` into
+#: a relative error of the rate), so one number over all rates says little.
+MAGNITUDE_EDGES = (10.0, 100.0)
+
+
+def diff_by_magnitude(out: np.ndarray, reference: np.ndarray,
+                      edges: tuple[float, ...] = MAGNITUDE_EDGES) -> list[dict[str, Any]]:
+    """Largest absolute (mm/h) and relative difference of ``out`` to ``reference`` (same
+    shape, mm/h) per range of ``reference``: ``<= edges[0]``, ..., ``> edges[-1]``.
+
+    Returns
+    -------
+    One dict per range: ``range`` (text), ``pixels``, ``max_abs_diff_mmh``, ``max_rel_diff``
+    (relative to ``max(reference, 1e-3 mm/h)``); the maxima are 0 for an empty range.
+    """
+    diff = np.abs(out.astype(np.float64) - reference.astype(np.float64))
+    rel = diff / np.maximum(np.abs(reference.astype(np.float64)), 1e-3)
+    bounds = [-np.inf, *edges, np.inf]
+    rows = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        inside = (reference > lo) & (reference <= hi)
+        name = f"<= {hi:g}" if lo == -np.inf else (f"> {lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}")
+        rows.append({"range": f"{name} mm/h", "pixels": int(inside.sum()),
+                     "max_abs_diff_mmh": float(diff[inside].max()) if inside.any() else 0.0,
+                     "max_rel_diff": float(rel[inside].max()) if inside.any() else 0.0})
+    return rows
+
+
+def verify(path: Path, fmt: str, model: PhysicalNowcaster, x: Tensor) -> dict[str, Any]:
+    """Run the file on ``x`` (mm/h) and compare with eager torch; largest differences.
+
+    Returns
+    -------
+    ``max_abs_diff_mmh`` (all pixels), ``max_abs_diff_mmh_below_100`` (where the eager
+    forecast is <= 100 mm/h: what the 1e-4 mm/h target is judged on), ``max_rel_diff``,
+    ``by_magnitude`` (:func:`diff_by_magnitude`), ``max_mmh`` (the forecast's maximum) and
+    ``seconds`` (one run of the file).
+    """
     with torch.no_grad():
         reference = model(x).numpy()
     started = time.perf_counter()
@@ -165,12 +205,14 @@ def verify(path: Path, fmt: str, model: PhysicalNowcaster, x: Tensor) -> dict[st
             out = torch.export.load(str(path)).module()(x).numpy()
     seconds = time.perf_counter() - started
     diff = np.abs(out - reference)
-    # float32 carries ~7 digits: above ~100 mm/h an exact decode (10 ** (4 y)) cannot be
-    # within 1e-4 mm/h; rain rates of real interest are scored separately
+    # float32 carries ~7 digits: one float32 step of the network output y near 100 mm/h
+    # is already ~1e-4 mm/h after the decode (docs/operational.md, "Export notes"), so
+    # the absolute target is judged where the forecast is <= 100 mm/h
     usual = reference <= 100.0
     return {"max_abs_diff_mmh": float(diff.max()),
             "max_abs_diff_mmh_below_100": float(diff[usual].max()) if usual.any() else 0.0,
             "max_rel_diff": float((diff / np.maximum(np.abs(reference), 1e-3)).max()),
+            "by_magnitude": diff_by_magnitude(out, reference),
             "max_mmh": float(reference.max()), "seconds": seconds}
 
 
@@ -195,8 +237,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
     Returns
     -------
-    ``{"path": file, "format": ..., "max_abs_diff_mmh": ..., "max_rel_diff": ...,
-    "export_seconds": ..., "input_files": [...]}``.
+    ``{"path": file, "format": ..., "export_seconds": ..., "input_files": [...]}`` plus
+    :func:`verify`'s differences (``max_abs_diff_mmh``, ``max_abs_diff_mmh_below_100``,
+    ``max_rel_diff``, ``by_magnitude``, ...), for either format.
     """
     from nowcast.predict import check_writable, sha256
 
@@ -218,16 +261,21 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     else:
         from nowcast.io_utils import atomic_path
 
-        with atomic_path(output) as tmp:
-            torch.export.save(program, str(tmp), extra_files={"nowcast.json": json.dumps(meta)})
+        # to an open file: given a path, torch.export warns about the temporary name's suffix
+        with atomic_path(output) as tmp, open(tmp, "wb") as f:
+            torch.export.save(program, f, extra_files={"nowcast.json": json.dumps(meta)})
     seconds = time.perf_counter() - started
     check = verify(output, fmt, model, x)
     log.info("exported %s in %.1f s; on the window ending %s (forecast max %.1f mm/h) the file "
              "differs from eager torch by at most %.3g mm/h (%.3g mm/h where <= 100 mm/h; "
              "relative %.3g)", output, seconds, files[-1].name, check["max_mmh"],
              check["max_abs_diff_mmh"], check["max_abs_diff_mmh_below_100"], check["max_rel_diff"])
+    for row in check["by_magnitude"]:
+        log.info("  forecast %s (%d px): max abs diff %.3g mm/h, max rel diff %.3g", row["range"],
+                 row["pixels"], row["max_abs_diff_mmh"], row["max_rel_diff"])
     if check["max_abs_diff_mmh_below_100"] > float(cfg.tolerance):
-        log.warning("the difference exceeds tolerance=%g mm/h", cfg.tolerance)
+        log.warning("the difference where the forecast is <= 100 mm/h (%.3g mm/h) exceeds tolerance=%g mm/h",
+                    check["max_abs_diff_mmh_below_100"], cfg.tolerance)
     return {"path": output, "format": fmt, "export_seconds": seconds, "input_files": files, **check}
 
 

@@ -355,7 +355,8 @@ def training_grid_spacing(reader: dict[str, Any], path: Any, step: np.timedelta6
         log.warning("training data %s not readable (%s): the input grid's resolution cannot be "
                     "checked against it", path, error)
         return None
-    grid = archive.grid()
+    grid = archive.grid()  # coordinates only: no frame is decoded (read_frames would decode one)
+    archive.close()
     return grid_spacing(grid.y, grid.x)
 
 

@@ -98,9 +98,10 @@ def read_window(
 ) -> InputWindow:
     """Read the newest ``input_steps`` frames of ``files`` and check they are consecutive.
 
-    The one place predict reads radar files (today through
+    The one place predict reads radar files: through
     :class:`~nowcast.data.radar_io.RadarArchive`, the training reader, with the
-    checkpoint's ``reader`` settings). Only the last ``scan_files`` files by name (default
+    checkpoint's ``reader`` settings, and only its public API (times, ``frame_files``,
+    ``read``, ``grid``). Only the last ``scan_files`` files by name (default
     ``2 * input_steps + 2``) are opened, so a growing archive costs the same every time;
     file names must sort in time order (as radar products name them). ``load=False``
     only finds the frames (``frames`` is empty).
@@ -139,7 +140,7 @@ def read_window(
         )
     index = np.arange(n - input_steps, n)
     times = archive.times[index]
-    frame_files = [Path(archive.files[archive._file_index[i]]) for i in index]  # noqa: SLF001
+    frame_files = archive.frame_files(index)
     if step is not None:
         for k in range(1, input_steps):
             gap = times[k] - times[k - 1]

@@ -145,7 +145,11 @@ def test_time_dimension_files_match_per_step_files(tmp_path):
         out = all_test_windows(RadarDataModule(path, chunks=chunks, **kwargs))
         for key in ref:
             torch.testing.assert_close(out[key], ref[key], rtol=1e-6, atol=1e-6)
-    assert len(RadarArchive(tmp_path / "two").files) == 2
+    two = RadarArchive(tmp_path / "two")
+    assert len(two.files) == 2
+    # the file of every frame, in time order: a.nc holds the first 8, b.nc the rest
+    assert [p.name for p in two.frame_files()] == ["a.nc"] * 8 + ["b.nc"] * 6
+    assert [p.name for p in two.frame_files([13, 0, 8])] == ["b.nc", "a.nc", "b.nc"]
 
 
 # ------------------------------------------------------------------ units

@@ -135,6 +135,7 @@ def test_read_frames_and_list_frames_for_operational_use(tmp_path):
     da = read_frames(newest, downsample=2, **ODIM)
     assert da.dims == ("time", "y", "x") and da.shape == (4, 8, 8) and da.dtype == np.float32
     assert da.attrs["units"] == "mm/h" and da.attrs["grid_mapping"] == "proj"
+    assert da.attrs["source"] == ", ".join(str(p) for p in newest)
     assert da["proj"].attrs["grid_mapping_name"] == "lambert_azimuthal_equal_area"
     np.testing.assert_array_equal(da["time"].values, T0 + np.arange(4, 8) * STEP)
     # 2x2 block means of the valid pixels, by hand
@@ -246,7 +247,7 @@ def test_real_knmi_frames_match_the_raw_pixel_values():
     assert len(archive) == 720 and archive.native_shape == (765, 700)
     assert archive.step == np.timedelta64(5, "m")
     i = int(np.searchsorted(archive.times, np.datetime64("2021-02-04T22:00")))
-    path = archive.files[archive._file_index[i]]
+    [path] = archive.frame_files([i])
     assert path.name == "202102042200.hf5"
     with h5py.File(path, "r") as f:  # independent decoding: dBZ = 0.5 PV - 32, 255 outside
         pv = f["image1/image_data"][...].astype(float)

@@ -887,6 +887,13 @@ class RadarArchive:
     def __len__(self) -> int:
         return len(self.times)
 
+    def frame_files(self, indices: Sequence[int] | np.ndarray | None = None) -> list[Path]:
+        """The file holding each frame ``indices`` (positions on the sorted time axis;
+        default: all), in that order. A file with a time dimension appears once per frame;
+        a Zarr store's frames all name the store."""
+        idx = np.arange(len(self.times)) if indices is None else np.asarray(indices, dtype=np.int64)
+        return [Path(str(self.files[int(i)])) for i in self._file_index[idx]]
+
     def grid(self, pad_multiple: int = 1) -> RadarGrid:
         """The (downsampled) grid; ``padded_shape`` rounds it up to ``pad_multiple``."""
         f = self.downsample
@@ -1233,7 +1240,7 @@ def list_frames(
     archive = RadarArchive(path, variable=variable, time_variable=time_variable,
                            filename_time_format=filename_time_format,
                            filename_time_regex=filename_time_regex, time_step=_SINGLE_FRAME_STEP)
-    return [(t, Path(str(archive.files[i]))) for t, i in zip(archive.times, archive._file_index)]
+    return list(zip(archive.times, archive.frame_files()))
 
 
 def read_frames(
@@ -1291,7 +1298,7 @@ def archive_to_dataarray(archive: RadarArchive, indices: Sequence[int] | None = 
     coords: dict[str, Any] = {"time": archive.times[idx], **grid.coords()}
     attrs = {
         "units": "mm/h", "standard_name": "rainfall_rate", "long_name": "rain rate",
-        "source": ", ".join(str(archive.files[i]) for i in np.unique(archive._file_index[idx])),
+        "source": ", ".join(str(p) for p in dict.fromkeys(archive.frame_files(idx))),
         "time_step_minutes": float(archive.step / np.timedelta64(1, "m")) if len(archive) > 1 else float("nan"),
     }
     if grid.crs_attrs:
