@@ -315,6 +315,31 @@ def test_dry_window_filter_training_only(tmp_path):
         RadarDataModule(tmp_path / "a.nc", min_wet_fraction=0.9, **kwargs).setup("fit")
 
 
+def test_cache_frames_keeps_every_training_frame_after_the_dry_filter(tmp_path):
+    data = np.zeros((16, 16, 16))
+    data[4:12] = 1.0
+    write_stack(tmp_path / "a.nc", data)
+    kwargs = dict(input_steps=2, output_steps=2, min_wet_fraction=0.1)
+
+    def no_more_reads(*args, **kwargs):
+        raise AssertionError("read the file again")
+
+    dm = RadarDataModule(tmp_path / "a.nc", cache_frames=100, **kwargs)
+    dm.setup("fit")
+    train = dm.dataset("train")
+    dm.archive._read_rate = no_more_reads  # the dry filter's one pass filled the cache
+    for i in range(len(train)):
+        train[i]
+    small = RadarDataModule(tmp_path / "a.nc", **kwargs)  # default: one window's worth
+    small.setup("fit")
+    small.archive._read_rate = no_more_reads
+    with pytest.raises(AssertionError, match="read the file again"):
+        for i in range(len(small.dataset("train"))):
+            small.dataset("train")[i]
+    with pytest.raises(ValueError, match="cache_frames must be >= 0"):
+        RadarDataModule(tmp_path / "a.nc", cache_frames=-1)
+
+
 # ------------------------------------------------------------------ bad input
 def test_no_files_and_missing_variable(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
