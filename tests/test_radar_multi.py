@@ -40,7 +40,8 @@ def test_one_training_step_on_four_real_archives(tmp_path):
     cfg = compose_config("train", [
         "experiment=radar_multi", "model.net.net.hidden_channels=[4,4,4]",
         "data.batch_size=2", "data.crop_size=[32,32]", "data.min_wet_fraction=0",
-        "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
+        "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+        "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
         "trainer.enable_model_summary=false",
         "callbacks.progress_bar.refresh_rate=0",
     ], tmp_path)
