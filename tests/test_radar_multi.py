@@ -50,3 +50,33 @@ def test_one_training_step_on_four_real_archives(tmp_path):
     for name in ("bom", "knmi"):  # the archives with a validation period, full domains
         assert math.isfinite(metrics[f"val/{name}/mae"])
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
+
+
+@pytest.mark.shared_data
+def test_validation_periods_have_rain(tmp_path):
+    """The validation set chooses the checkpoint: a dry period scores every checkpoint the
+    same (2021-02-08 did: MAE 0.00 mm/h). Every validation frame of radar_multi has rain
+    on at least 1% of its valid pixels (>= 0.1 mm/h), as the training windows must
+    (the dry filter's measure)."""
+    shared_path("radar", "knmi-2021-pcp")
+    pytest.importorskip("pysteps")
+    pytest.importorskip("h5py")
+    import numpy as np
+
+    cfg = compose_config("train", ["experiment=radar_multi"], tmp_path)
+    checked = []
+    for spec in cfg.data.archives:
+        source = instantiate(spec)
+        (period,) = source.periods["val"] or [None]
+        if period is None:
+            continue
+        archive = source.open()
+        times = archive.times
+        index = np.flatnonzero((times >= period[0]) & (times <= period[1]))
+        assert len(index) >= 10, f"{source.name}: {len(index)} frames in its validation period"
+        frames = archive.read(index[:: max(1, len(index) // 12)], cache=False)  # (T, H, W) mm/h
+        wet = (frames >= 0.1).sum(axis=(1, 2)) / np.isfinite(frames).sum(axis=(1, 2))  # NaN >= x is False
+        assert wet.min() >= cfg.data.min_wet_fraction, f"{source.name}: wet fractions {wet.round(3)}"
+        checked.append(source.name)
+        archive.close()
+    assert checked == ["bom", "knmi"]
