@@ -269,5 +269,84 @@ def test_motion_output_arguments():
         EncoderForecaster(1, 1, [4], output="motion")  # sigmoid would squash the frame
     with pytest.raises(ValueError, match="output='motion' moves the last input frame"):
         EncoderForecaster(1, 2, [4], output="motion", output_activation="identity")
-    with pytest.raises(ValueError, match="output must be 'frames', 'motion' or 'translation', got 'flow'"):
+    with pytest.raises(ValueError, match="output must be 'frames', 'motion', 'translation' or 'advection', got 'flow'"):
         EncoderForecaster(1, 1, [4], output="flow")
+    with pytest.raises(ValueError, match="advection_radius must be >= 1"):
+        EncoderForecaster(1, 1, [4], output="advection", output_activation="identity", advection_radius=0)
+    with pytest.raises(ValueError, match="correlation_radius must be >= 0"):
+        EncoderForecaster(1, 1, [4], correlation_radius=-1)
+
+
+# -- advection output: each pixel gathers from a window -----------------------------------
+def test_advect_gathers_by_window_offset_and_per_block():
+    from nowcast.models.warp import advect
+
+    frame = torch.zeros(1, 1, 8, 8)
+    frame[0, 0, 2, 3] = 1.0
+    weights = torch.zeros(1, 9, 8, 8)
+    weights[:, 3] = 1.0  # offset (oy, ox) = (0, -1): read the left neighbour -> 1 px right
+    out = advect(frame, weights)
+    assert out[0, 0, 2, 4] == 1.0 and out.sum() == 1.0
+    # on a 2x coarser grid: the block holding (2, 4) reads from its pixels' left neighbours
+    coarse = torch.zeros(1, 9, 4, 4)
+    coarse[:, 3] = 1.0
+    torch.testing.assert_close(advect(frame, coarse, block=2), out)
+    # half and half: mass is shared, the frame stays in [0, 1]
+    weights = torch.zeros(1, 9, 8, 8)
+    weights[:, 3] = weights[:, 4] = 0.5
+    out = advect(frame, weights)
+    assert out[0, 0, 2, 3] == out[0, 0, 2, 4] == 0.5
+    with pytest.raises(ValueError, match="odd k"):
+        advect(frame, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"must be \(B, k\*k, H/2, W/2\)"):
+        advect(frame, torch.zeros(1, 9, 8, 8), block=2)
+
+
+def test_advection_output_starts_near_persistence_and_learns_a_shift():
+    """The untrained advection head keeps 90% of each pixel in place; Adam steps on a
+    square moving 2 px right per frame teach it the shift, with or without the cost
+    volume of the inputs (correlation_radius) beside the patches."""
+    frames = torch.zeros(1, 5, 1, 16, 16)
+    for t in range(5):
+        frames[0, t, 0, 5:9, 1 + 2 * t : 5 + 2 * t] = 1.0
+    x, y = frames[:, :3], frames[:, 3:]
+    persistence = ((x[:, -1:] - y) ** 2).mean()
+    losses = {}
+    for radius in (0, 3):
+        torch.manual_seed(0)
+        net = EncoderForecaster(1, 1, [8, 8], 3, (1, 2, 2), 3, 2, (16, 16), patch_size=2,
+                                output="advection", output_activation="identity",
+                                motion_init_std=0.01, advection_radius=2, correlation_radius=radius)
+        with torch.no_grad():
+            start = net(x)
+        assert ((start - x[:, -1:]) ** 2).mean() < 0.1 * persistence  # close to persistence
+        assert 0 <= start.min() and start.max() <= 1  # a convex combination of the frame
+        opt = torch.optim.Adam(net.parameters(), lr=0.02)
+        for _ in range(40):
+            opt.zero_grad()
+            loss = ((net(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+        losses[radius] = loss.item()
+    assert losses[0] < 0.2 * persistence and losses[3] < 0.2 * persistence
+
+
+def test_advection_prior_extrapolates_the_last_step_before_training():
+    """With ``advection_prior`` the untrained head is block matching of the last two
+    inputs: a texture moving 2 px right per frame comes out moved 2 and 4 px further
+    (to 2e-3: the softmax over the window leaves near-ties a little weight)."""
+    torch.manual_seed(0)
+    texture = torch.rand(1, 1, 24, 24)
+    frames = torch.stack([torch.roll(texture, 2 * t, dims=-1) for t in range(3)], dim=1)  # (1, 3, 1, 24, 24)
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 3, 2, (24, 24), patch_size=2,
+                            output="advection", output_activation="identity",
+                            advection_radius=3, advection_prior=1000.0)
+    with torch.no_grad():
+        y = net(frames)
+    last = frames[0, -1, 0]
+    # the interior, away from the edges where content enters from outside the frame
+    torch.testing.assert_close(y[0, 0, 0, 6:-6, 6:-6], torch.roll(last, 2, dims=-1)[6:-6, 6:-6], atol=2e-3, rtol=0)
+    torch.testing.assert_close(y[0, 1, 0, 6:-6, 8:-6], torch.roll(last, 4, dims=-1)[6:-6, 8:-6], atol=2e-3, rtol=0)
+    assert net.prior_scale.requires_grad
+    with pytest.raises(ValueError, match="advection_prior must be >= 0 and needs output='advection'"):
+        EncoderForecaster(1, 1, [4], output="motion", output_activation="identity", advection_prior=1.0)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nowcast.models.warp import warp
-from nowcast.nn import ConvLSTM2D, MaxPool3D
+from nowcast.models.warp import advect, warp
+from nowcast.nn import ConvLSTM2D, LocalCorrelation, MaxPool3D
 
 _OUTPUT_ACTIVATIONS = {
     "identity": nn.Identity,
@@ -153,7 +153,13 @@ class EncoderForecaster(nn.Module):
         frame onto a few pixels, erasing what it is unsure of (on one-digit Moving-MNIST it
         did, stalling at 0.6x persistence's MSE); a translation cannot. Both need
         ``in_channels == out_channels`` and an activation that keeps the input's range
-        (``identity`` or ``relu``); ``residual`` does not apply.
+        (``identity`` or ``relu``); ``residual`` does not apply. ``"advection"``: per
+        lead and patch, softmax weights over a ``(2r+1) x (2r+1)`` window of source pixels
+        (``r = advection_radius``); lead ``k`` is lead ``k-1`` with each pixel gathered
+        from its window (:func:`~nowcast.models.warp.advect`, the dynamic neural advection
+        of Finn et al. 2016). It starts with 90% of each pixel in place. Unlike a warp it
+        can spread a pixel over several places, so under MSE it hedges by blurring where
+        the motion field contracts.
     warp_padding
         What a motion output moves in from outside the frame: ``"zeros"`` (no rain),
         ``"border"`` or ``"reflection"``. With zeros, pushing content out of the frame
@@ -168,6 +174,26 @@ class EncoderForecaster(nn.Module):
         Random directions (Moving-MNIST) do not: a zero-initialised translation head
         stayed at 0.91x persistence's MSE. A small value (``0.01``: displacements of a
         few hundredths of a pixel) starts near persistence with a live gradient.
+    correlation_radius
+        ``r > 0`` adds the cost volume of consecutive input frames
+        (:class:`~nowcast.nn.LocalCorrelation`: for each displacement up to ``r`` pixels
+        along each axis, how well the previous frame moved by it matches the current one,
+        averaged over each patch) to the first level's input, ``(2r+1)**2`` channels.
+        The patches alone show motion finer than a patch only through the loss, which a
+        small network learns slowly; the cost volume shows it at pixel resolution, as in
+        FlowNet-C and RAFT. ``r`` should cover the fastest motion per step; the cost
+        grows as ``r**2``. ``0``: off.
+    correlation_cost
+        ``"product"`` or ``"sqdiff"``, see :func:`~nowcast.nn.local_correlation`.
+    advection_radius
+        The window of ``output="advection"``: the largest displacement per lead, pixels.
+    advection_prior
+        ``beta > 0``: the advection logits get ``beta`` times the block-matching cost of
+        the last two input frames (negative mean squared difference per patch for each
+        displacement in the window; ``beta`` is learned), and the head starts without its
+        bias toward "no motion". The untrained network then extrapolates the last step's
+        motion (every lead moved like the last step), and training learns what that
+        misses (bounces, uneven steps). ``0``: off.
     """
 
     def __init__(
@@ -188,10 +214,16 @@ class EncoderForecaster(nn.Module):
         output: str = "frames",
         warp_padding: str = "zeros",
         motion_init_std: float = 0.0,
+        correlation_radius: int = 0,
+        correlation_cost: str = "product",
+        advection_radius: int = 5,
+        advection_prior: float = 0.0,
     ) -> None:
         super().__init__()
-        if output not in ("frames", "motion", "translation"):
-            raise ValueError(f"output must be 'frames', 'motion' or 'translation', got {output!r}")
+        if output not in ("frames", "motion", "translation", "advection"):
+            raise ValueError(
+                f"output must be 'frames', 'motion', 'translation' or 'advection', got {output!r}"
+            )
         if output != "frames":
             if in_channels != out_channels or residual or output_activation not in ("identity", "relu"):
                 raise ValueError(
@@ -243,6 +275,11 @@ class EncoderForecaster(nn.Module):
             )
 
         stem_channels = in_channels * patch_size**2
+        if correlation_radius < 0:
+            raise ValueError(f"correlation_radius must be >= 0, got {correlation_radius}")
+        self.correlation = LocalCorrelation(correlation_radius, patch_size, correlation_cost) if correlation_radius else None
+        if self.correlation is not None:
+            stem_channels += self.correlation.channels
         self.encoders = nn.ModuleList()
         self.forecasters = nn.ModuleList()
         for level in range(levels):
@@ -257,11 +294,31 @@ class EncoderForecaster(nn.Module):
                                                return_state=False, checkpoint_steps=checkpoint_steps,
                                                peephole=peephole))
         self.pool = MaxPool3D(pool)
-        head_channels = out_channels * patch_size**2 if output == "frames" else 2
+        if advection_radius < 1:
+            raise ValueError(f"advection_radius must be >= 1, got {advection_radius}")
+        self.advection_radius = int(advection_radius)
+        window = (2 * self.advection_radius + 1) ** 2
+        head_channels = {"frames": out_channels * patch_size**2, "advection": window}.get(output, 2)
         self.head = nn.Conv2d(hidden[0], head_channels, kernel_size=1)
         if output != "frames":  # (almost) no motion at first: the untrained network is persistence
             nn.init.normal_(self.head.weight, std=float(motion_init_std))
             nn.init.zeros_(self.head.bias)
+        if advection_prior < 0 or (advection_prior and output != "advection"):
+            raise ValueError(
+                f"advection_prior must be >= 0 and needs output='advection', got "
+                f"{advection_prior} with output={output!r}"
+            )
+        self.prior = None
+        if advection_prior:
+            # Block matching of the last two inputs, one window per patch: the untrained
+            # head extrapolates the last step's motion; the network learns what changes.
+            self.prior = LocalCorrelation(self.advection_radius, patch_size, "sqdiff")
+            self.prior_scale = nn.Parameter(torch.tensor(float(advection_prior)))
+        elif output == "advection":
+            # 90% of each pixel's weight on itself, the rest spread over the window: close
+            # to persistence, with a gradient toward every displacement in the window.
+            with torch.no_grad():
+                self.head.bias[window // 2] = math.log(9.0 * (window - 1))
         self.activation = make_output_activation(output_activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -269,7 +326,11 @@ class EncoderForecaster(nn.Module):
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
         b = x.shape[0]
         last = x[:, -1:]  # (B, 1, C, H, W): persistence, for residual=True
+        x_in = x
+        corr = self.correlation(x) if self.correlation is not None else None  # (B, T, K, H/p, W/p)
         x = to_patches(x, self.patch_size)  # (B, T, C*p*p, H/p, W/p)
+        if corr is not None:
+            x = torch.cat((x, corr), dim=2)  # (B, T, C*p*p + K, H/p, W/p)
         states = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
@@ -286,6 +347,13 @@ class EncoderForecaster(nn.Module):
                 y = _upsample(y, self.pool_size)  # (B, T_l, Ch_{l+1}, H_l, W_l)
             y = self.forecasters[level](y, initial_state=states[level])  # (B, T_l, Ch_l, H_l, W_l)
         out = self.head(y.flatten(0, 1))  # (B*T_out, C_head, H/p, W/p)
+        if self.output == "advection":
+            if self.prior is not None:
+                # cost of each displacement for the last step, flipped from "moved by d"
+                # to the window offset -d that reads where the content came from
+                cost = self.prior(x_in[:, -2:])[:, -1].flip(1)  # (B, k*k, H/p, W/p)
+                out = (out.unflatten(0, (b, self.output_steps)) + self.prior_scale * cost[:, None]).flatten(0, 1)
+            return self.activation(self._advect(last[:, 0], out, b))
         if self.output != "frames":
             return self.activation(self._move(last[:, 0], out, b))
         out = out.unflatten(0, (b, self.output_steps))  # (B, T_out, C_out*p*p, H/p, W/p)
@@ -310,6 +378,18 @@ class EncoderForecaster(nn.Module):
             velocity = F.interpolate(velocity, scale_factor=p, mode="bilinear", align_corners=False)
         velocity = (velocity * p).unflatten(0, (b, self.output_steps))  # (B, T_out, 2, H, W), px/frame
         return warp(last, velocity.cumsum(dim=1), self.warp_padding)  # (B, T_out, C, H, W)
+
+
+    def _advect(self, last: Tensor, logits: Tensor, b: int) -> Tensor:
+        """Advect ``last`` ``(B, C, H, W)`` lead by lead with the window weights whose
+        logits are ``(B*T_out, k*k, H/p, W/p)`` (one window per patch) -> ``(B, T_out, C, H, W)``."""
+        weights = logits.softmax(dim=1).unflatten(0, (b, self.output_steps))  # (B, T_out, k*k, H/p, W/p)
+        frame, out = last, []
+        for step in range(self.output_steps):
+            # lead step+1 moves lead step; each patch's pixels share its window weights
+            frame = advect(frame, weights[:, step], block=self.patch_size)  # (B, C, H, W)
+            out.append(frame)
+        return torch.stack(out, dim=1)  # (B, T_out, C, H, W)
 
 
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:

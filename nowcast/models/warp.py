@@ -52,3 +52,47 @@ def warp(frame: Tensor, displacement: Tensor, padding_mode: str = "zeros") -> Te
     out = F.grid_sample(source, grid.flatten(0, 1).to(frame.dtype), mode="bilinear",
                         padding_mode=padding_mode, align_corners=True)  # (B*T, C, H, W)
     return out.unflatten(0, (b, t))  # (B, T, C, H, W)
+
+
+def advect(frame: Tensor, weights: Tensor, block: int = 1) -> Tensor:
+    """One step of dynamic neural advection (Finn et al. 2016, "DNA"): each output pixel is
+    a weighted sum of the input pixels in a ``k x k`` window around it.
+
+    Parameters
+    ----------
+    frame
+        ``(B, C, H, W)``, the field to move.
+    weights
+        ``(B, k*k, H, W)`` per output pixel, normally a softmax over the window (then mass
+        is gathered as a convex combination and a [0, 1] frame stays in [0, 1]). Channel
+        ``j`` reads the source pixel at offset ``(oy, ox) = (j // k - r, j % k - r)``
+        (``r = (k - 1) / 2``): content moving by ``(dx, dy)`` is weight at ``(-dy, -dx)``.
+        Outside the frame the source is zero.
+    block
+        ``weights`` may be given on a grid ``block`` times coarser, ``(B, k*k, H/block,
+        W/block)``: every pixel of a ``block x block`` block then uses its block's window
+        weights (a network working on patches; cheaper than upsampling them to pixels).
+
+    Returns
+    -------
+    Tensor
+        ``(B, C, H, W)``.
+    """
+    if frame.dim() != 4 or weights.dim() != 4:
+        raise ValueError(
+            f"expected frame (B, C, H, W) and weights (B, k*k, H, W), got "
+            f"{tuple(frame.shape)} and {tuple(weights.shape)}"
+        )
+    b, c, h, w = frame.shape
+    k = int(round(weights.shape[1] ** 0.5))
+    if (k * k != weights.shape[1] or k % 2 == 0 or weights.shape[0] != b
+            or h % block or w % block or weights.shape[-2:] != (h // block, w // block)):
+        raise ValueError(
+            f"weights {tuple(weights.shape)} must be (B, k*k, H/{block}, W/{block}) with an odd "
+            f"k for frame {tuple(frame.shape)}"
+        )
+    windows = F.unfold(frame, kernel_size=k, padding=k // 2)  # (B, C*k*k, H*W)
+    hb, wb = h // block, w // block
+    windows = windows.view(b, c, k * k, hb, block, wb, block)  # (B, C, k*k, H/bl, bl, W/bl, bl)
+    weights = weights.view(b, 1, k * k, hb, 1, wb, 1)  # broadcast over each block's pixels
+    return (windows * weights).sum(dim=2).view(b, c, h, w)  # (B, C, H, W)
