@@ -246,6 +246,14 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     fmt = cfg.format
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    if fmt == "torch_export" and cfg.dynamic_hw:
+        # Found only after minutes of tracing otherwise (docs/operational.md).
+        raise ValueError(
+            "format=torch_export with dynamic_hw=true is not supported: torch.export.save "
+            "cannot serialize the math.ceil of a symbolic frame size (torch 2.13: "
+            "SerializeError after 265 s of tracing a tiny network). Use dynamic_hw=false "
+            "(predict tiles larger domains) or format=onnx"
+        )
     output = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / f"{Path(cfg.ckpt_path).stem}{FORMATS[fmt]}"
     check_writable(output.parent)
     forecaster = load_forecaster(cfg.ckpt_path, Tiling(max_pixels=None))

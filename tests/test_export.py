@@ -103,3 +103,13 @@ def test_hybrid_model_is_not_exportable(tmp_path):
     with pytest.raises(ValueError, match="cannot be exported"):
         export(cfg)
     assert not Path(tmp_path / "x.onnx").exists()
+
+
+def test_torch_export_with_dynamic_frame_size_is_refused_before_tracing(tmp_path):
+    """torch.export.save fails on the dynamic-size graph only after minutes of tracing:
+    the command refuses it at once, before reading the checkpoint."""
+    cfg = compose_config("export", [f"ckpt_path={tmp_path / 'absent.ckpt'}", "format=torch_export",
+                                    "dynamic_hw=true", f"output={tmp_path / 'x.pt2'}"], tmp_path)
+    with pytest.raises(ValueError, match="format=torch_export with dynamic_hw=true is not supported"):
+        export(cfg)
+    assert not (tmp_path / "x.pt2").exists()
