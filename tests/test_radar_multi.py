@@ -20,6 +20,8 @@ def test_experiment_composes_into_the_motion_network(tmp_path):
     assert (cfg.data.input_steps, cfg.data.output_steps) == (4, 6)
     assert [a.name for a in cfg.data.archives] == ["bom", "knmi", "fmi", "rmi"]
     assert cfg.trainer.max_time == "00:00:45:00"
+    # the checkpoint is chosen on CSI, which every archive's rain weighs alike
+    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == ("val/csi_1mmh", "max")
     # held out (issue 13): BoM 08:00-11:50, KNMI 2021-02-02 and -04, FMI 2017-05-09
     tests = {a.name: a.get("test_period") for a in cfg.data.archives}
     assert list(tests["bom"]) == ["2020-10-31T08:00", "2020-10-31T11:50"]
