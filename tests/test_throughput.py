@@ -24,7 +24,8 @@ def test_counts_sequences_after_warmup_and_logs(train_cfg, caplog, tmp_path):
     assert "24 sequences in" in line, line
     seconds = float(line.split("sequences in ")[1].split(" s")[0])
     rate = float(line.split()[1])
-    assert rate == pytest.approx(24 / seconds, rel=0.05)
+    # the log rounds the seconds to 0.01 s, which for a tiny run is several percent
+    assert 24 / (seconds + 0.006) <= rate <= 24 / max(seconds - 0.006, 1e-3)
     metrics_csv = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
     assert "train/sequences_per_s" in metrics_csv.splitlines()[0]
 
