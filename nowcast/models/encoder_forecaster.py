@@ -326,8 +326,10 @@ class EncoderForecaster(nn.Module):
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
         b = x.shape[0]
         last = x[:, -1:]  # (B, 1, C, H, W): persistence, for residual=True
-        x_in = x
         corr = self.correlation(x) if self.correlation is not None else None  # (B, T, K, H/p, W/p)
+        # block-matching cost of the last step, flipped from "moved by d" to the window
+        # offset -d that reads where the content came from
+        prior = self.prior(x[:, -2:])[:, -1].flip(1) if self.prior is not None else None  # (B, k*k, H/p, W/p)
         x = to_patches(x, self.patch_size)  # (B, T, C*p*p, H/p, W/p)
         if corr is not None:
             x = torch.cat((x, corr), dim=2)  # (B, T, C*p*p + K, H/p, W/p)
@@ -348,11 +350,8 @@ class EncoderForecaster(nn.Module):
             y = self.forecasters[level](y, initial_state=states[level])  # (B, T_l, Ch_l, H_l, W_l)
         out = self.head(y.flatten(0, 1))  # (B*T_out, C_head, H/p, W/p)
         if self.output == "advection":
-            if self.prior is not None:
-                # cost of each displacement for the last step, flipped from "moved by d"
-                # to the window offset -d that reads where the content came from
-                cost = self.prior(x_in[:, -2:])[:, -1].flip(1)  # (B, k*k, H/p, W/p)
-                out = (out.unflatten(0, (b, self.output_steps)) + self.prior_scale * cost[:, None]).flatten(0, 1)
+            if prior is not None:  # the same cost added to every lead's logits
+                out = (out.unflatten(0, (b, self.output_steps)) + self.prior_scale * prior[:, None]).flatten(0, 1)
             return self.activation(self._advect(last[:, 0], out, b))
         if self.output != "frames":
             return self.activation(self._move(last[:, 0], out, b))
@@ -378,7 +377,6 @@ class EncoderForecaster(nn.Module):
             velocity = F.interpolate(velocity, scale_factor=p, mode="bilinear", align_corners=False)
         velocity = (velocity * p).unflatten(0, (b, self.output_steps))  # (B, T_out, 2, H, W), px/frame
         return warp(last, velocity.cumsum(dim=1), self.warp_padding)  # (B, T_out, C, H, W)
-
 
     def _advect(self, last: Tensor, logits: Tensor, b: int) -> Tensor:
         """Advect ``last`` ``(B, C, H, W)`` lead by lead with the window weights whose

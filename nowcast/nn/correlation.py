@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+COSTS = ("product", "sqdiff")
+
+
+def _check_cost(cost: str) -> None:
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+
 
 def correlation_displacements(radius: int) -> Tensor:
     """The ``((2r+1)**2, 2)`` displacements ``(dx, dy)`` in pixels, in the order of the
@@ -54,8 +61,7 @@ def local_correlation(current: Tensor, previous: Tensor, radius: int, cost: str 
         )
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
-    if cost not in ("product", "sqdiff"):
-        raise ValueError(f"cost must be 'product' or 'sqdiff', got {cost!r}")
+    _check_cost(cost)
     h, w = current.shape[-2:]
     r = radius
     padded = F.pad(previous, (r, r, r, r))  # (N, C, H+2r, W+2r), zeros outside
@@ -89,8 +95,7 @@ class LocalCorrelation(nn.Module):
         self.radius = int(radius)
         self.pool = int(pool)
         self.channels = (2 * self.radius + 1) ** 2
-        if cost not in ("product", "sqdiff"):
-            raise ValueError(f"cost must be 'product' or 'sqdiff', got {cost!r}")
+        _check_cost(cost)
         self.cost = cost
 
     def forward(self, x: Tensor) -> Tensor:
