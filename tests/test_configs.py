@@ -95,12 +95,12 @@ def test_multirun_sweep_from_the_command_line(tmp_path):
 
 
 def test_default_run_is_the_light_task_on_a_time_budget(tmp_path):
-    """`python train.py`: one digit, the motion head, 8 minutes of training whose schedule
+    """`python train.py`: one digit, the shift head, 8 minutes of training whose schedule
     ends with the budget, then the test set; the standard task is one override away."""
     cfg = compose_config("train", [], tmp_path)
     assert cfg.data.num_digits == 1 and cfg.data.frame_size == 64
     assert (cfg.data.input_steps, cfg.data.output_steps) == (10, 10)
-    assert cfg.model.net.output == "motion" and cfg.test is True
+    assert cfg.model.net.output == "shift" and cfg.model.net.shift_prior > 0 and cfg.test is True
     assert cfg.model.net.hidden_channels == [16, 32]
     assert cfg.trainer.max_time == "00:00:08:00"
     scheduler = instantiate(cfg.model.scheduler)(optimizer=_sgd())

@@ -113,3 +113,23 @@ def test_torch_export_with_dynamic_frame_size_is_refused_before_tracing(tmp_path
     with pytest.raises(ValueError, match="format=torch_export with dynamic_hw=true is not supported"):
         export(cfg)
     assert not (tmp_path / "x.pt2").exists()
+
+
+def test_shift_head_with_its_block_matching_prior_exports_to_onnx(tmp_path):
+    """The default Moving-MNIST network (shift head, FFT block matching, coordinates)
+    converts to ONNX and ONNX Runtime gives the same forecast."""
+    import onnxruntime as ort
+
+    from nowcast.models import EncoderForecaster
+
+    torch.manual_seed(0)
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 4, 3, (32, 32), patch_size=4, output="shift",
+                            output_activation="identity", shift_radius=12, shift_prior=5.0,
+                            coordinates=True, motion_init_std=0.01).eval()
+    x = torch.rand(2, 4, 1, 32, 32)
+    path = tmp_path / "shift.onnx"
+    torch.onnx.export(net, (x,), dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path))
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, net(x).numpy(), atol=1e-5)

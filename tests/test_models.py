@@ -269,7 +269,7 @@ def test_motion_output_arguments():
         EncoderForecaster(1, 1, [4], output="motion")  # sigmoid would squash the frame
     with pytest.raises(ValueError, match="output='motion' moves the last input frame"):
         EncoderForecaster(1, 2, [4], output="motion", output_activation="identity")
-    with pytest.raises(ValueError, match="output must be 'frames', 'motion', 'translation' or 'advection', got 'flow'"):
+    with pytest.raises(ValueError, match="output must be one of 'frames', 'motion', 'translation', 'advection', 'shift', got 'flow'"):
         EncoderForecaster(1, 1, [4], output="flow")
     with pytest.raises(ValueError, match="advection_radius must be >= 1"):
         EncoderForecaster(1, 1, [4], output="advection", output_activation="identity", advection_radius=0)
@@ -350,3 +350,102 @@ def test_advection_prior_extrapolates_the_last_step_before_training():
     assert net.prior_scale.requires_grad
     with pytest.raises(ValueError, match="advection_prior must be >= 0 and needs output='advection'"):
         EncoderForecaster(1, 1, [4], output="motion", output_activation="identity", advection_prior=1.0)
+
+
+# -- shift output: the whole last frame moved by whole pixels ----------------------------
+def test_shift_matrix_moves_by_whole_pixels_with_zeros_from_outside():
+    from nowcast.models.encoder_forecaster import _shift_matrix
+
+    v = torch.arange(1.0, 9.0)
+    weights = torch.zeros(7)  # displacements -3..3
+    weights[3 + 2] = 1.0
+    torch.testing.assert_close(_shift_matrix(weights, 8) @ v, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6.0]))
+    weights = torch.zeros(7)
+    weights[3 - 1] = weights[3 + 1] = 0.5  # half one pixel up, half one pixel down
+    torch.testing.assert_close(_shift_matrix(weights, 8) @ v, torch.tensor([2, 4, 6, 8, 10, 12, 14, 7]) / 2)
+
+
+def test_past_shift_scores_repeat_the_motion_of_the_inputs():
+    """A block moving (+2, -1) px per frame: lead n's best score is n times that, up to
+    the inputs' longest span and beyond it (scaled), and a perfect match scores 0."""
+    from nowcast.models.encoder_forecaster import past_shift_scores
+
+    frames = torch.zeros(1, 4, 1, 32, 32)
+    for t in range(4):
+        frames[0, t, 0, 4 + 2 * t : 10 + 2 * t, 20 - t : 24 - t] = 1.0
+    scores = past_shift_scores(frames, radius=12, leads=5)  # spans 1..3 from the inputs, 4-5 scaled
+    assert scores.shape == (1, 5, 2 * 25)
+    best = scores.unflatten(-1, (2, 25)).argmax(-1) - 12  # (1, leads, 2): (dy, dx)
+    assert best[0].tolist() == [[2 * n, -n] for n in range(1, 6)]
+    assert scores[0, :3].amax(-1).abs().max() < 1e-4  # the past spans match exactly
+    assert scores.min() >= -2.0 - 1e-4  # -2: no overlap at all
+
+
+def test_shift_prior_forecasts_a_moving_digit_and_its_scale_is_learned():
+    """With a strong ``shift_prior`` the untrained network repeats the inputs' motion: a
+    texture moving (+1, +2) px per frame comes out where it will be. Training starts
+    from there, with a gradient on the prior's weight and on the ConvLSTM levels."""
+    torch.manual_seed(0)
+    frames = torch.zeros(1, 6, 1, 32, 32)
+    texture = torch.rand(8, 8)
+    for t in range(6):
+        frames[0, t, 0, 4 + t : 12 + t, 2 + 2 * t : 10 + 2 * t] = texture
+    x, y = frames[:, :4], frames[:, 4:]
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 4, 2, (32, 32), patch_size=2,
+                            output="shift", output_activation="identity", motion_init_std=0.01,
+                            shift_radius=10, shift_prior=50.0)
+    out = net(x)
+    torch.testing.assert_close(out, y, atol=1e-3, rtol=0)
+    ((out - y) ** 2).mean().backward()
+    assert net.shift_prior.grad is not None and net.shift_prior.grad.abs() > 0
+    assert sum(p.grad.abs().sum() for p in net.encoders[0].parameters()) > 0
+
+
+def test_shift_output_starts_as_persistence_and_learns_a_shift():
+    """Without the prior the head starts with 90% of the frame in place and learns, from
+    the loss alone, a shift that a warp's local gradient does not see (a 4 px square moved
+    4 px: no overlap with where it was)."""
+    frames = torch.zeros(1, 4, 1, 16, 16)
+    for t in range(4):
+        frames[0, t, 0, 6:10, 4 * t : 4 * t + 4] = 1.0
+    x, y = frames[:, :2], frames[:, 2:]
+    persistence = ((x[:, -1:] - y) ** 2).mean()
+    torch.manual_seed(0)
+    net = EncoderForecaster(1, 1, [8, 8], 3, (1, 2, 2), 2, 2, (16, 16), patch_size=2,
+                            output="shift", output_activation="identity", motion_init_std=0.01,
+                            shift_radius=8)
+    with torch.no_grad():
+        start = net(x)
+    assert ((start - x[:, -1:]) ** 2).mean() < 0.05 * persistence
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.01 * persistence
+
+
+def test_shift_output_arguments():
+    with pytest.raises(ValueError, match="shift_radius must be >= 1"):
+        EncoderForecaster(1, 1, [4], output="shift", output_activation="identity", shift_radius=0)
+    with pytest.raises(ValueError, match="shift_prior must be >= 0 and needs output='shift'"):
+        EncoderForecaster(1, 1, [4], output="advection", output_activation="identity", shift_prior=1.0)
+    with pytest.raises(ValueError, match="output='shift' moves the last input frame"):
+        EncoderForecaster(1, 1, [4], output="shift")  # sigmoid would squash the frame
+
+
+def test_coordinates_are_two_more_input_channels_from_minus_one_to_one():
+    from nowcast.models.encoder_forecaster import _coordinates
+
+    grid = _coordinates(torch.zeros(2, 3, 5, 4, 6))
+    assert grid.shape == (2, 3, 2, 4, 6)
+    torch.testing.assert_close(grid[0, 0, 0, :, 0], torch.linspace(-1, 1, 4))  # y down the rows
+    torch.testing.assert_close(grid[1, 2, 1, 0], torch.linspace(-1, 1, 6))  # x along the columns
+    torch.manual_seed(0)
+    net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 2, 2, (16, 16), patch_size=2, coordinates=True)
+    assert net.encoders[0].in_channels == 4 + 2
+    x = torch.rand(1, 2, 1, 16, 16)
+    # the same content elsewhere in the frame gives a different forecast: the network knows where
+    moved = torch.roll(x, (4, 4), dims=(-2, -1))
+    assert not torch.allclose(torch.roll(net(x), (4, 4), dims=(-2, -1))[..., 6:-6, 6:-6], net(moved)[..., 6:-6, 6:-6])

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from nowcast.models.warp import advect, warp
 from nowcast.nn import ConvLSTM2D, LocalCorrelation, MaxPool3D
 
+OUTPUTS = ("frames", "motion", "translation", "advection", "shift")
+
 _OUTPUT_ACTIVATIONS = {
     "identity": nn.Identity,
     "sigmoid": nn.Sigmoid,
@@ -159,7 +161,15 @@ class EncoderForecaster(nn.Module):
         from its window (:func:`~nowcast.models.warp.advect`, the dynamic neural advection
         of Finn et al. 2016). It starts with 90% of each pixel in place. Unlike a warp it
         can spread a pixel over several places, so under MSE it hedges by blurring where
-        the motion field contracts.
+        the motion field contracts. ``"shift"``: per lead, a probability for every
+        whole-pixel displacement up to ``shift_radius`` along each axis (the head's logits
+        averaged over the frame where the last input has content, like ``"translation"``);
+        the forecast is the last input frame shifted by each displacement, weighted (zeros
+        from outside). For one object, or a field moving as one. Each lead's displacement
+        is counted from the last input, not summed over leads, so a lead can come back
+        (a bounce) and uncertainty does not accumulate. Unlike a warp's velocity, whose
+        gradient sees one pixel around each sample point, every displacement's probability
+        gets a gradient from the whole frame. It starts with 90% on "no shift" per axis.
     warp_padding
         What a motion output moves in from outside the frame: ``"zeros"`` (no rain),
         ``"border"`` or ``"reflection"``. With zeros, pushing content out of the frame
@@ -194,6 +204,21 @@ class EncoderForecaster(nn.Module):
         bias toward "no motion". The untrained network then extrapolates the last step's
         motion (every lead moved like the last step), and training learns what that
         misses (bounces, uneven steps). ``0``: off.
+    shift_radius
+        The largest displacement of ``output="shift"``, pixels, counted from the last
+        input frame (any lead).
+    shift_prior
+        ``beta > 0``: the ``"shift"`` logits get ``beta`` times :func:`past_shift_scores`
+        (lead ``n`` repeats the whole-frame displacement of the last ``n`` input steps;
+        ``beta`` is learned), and the head starts without its "no shift" bias. The
+        untrained network extrapolates the past motion; training learns what that misses
+        (bounces, positions rounded to whole pixels). ``0``: off.
+    coordinates
+        Add each patch's position (``y`` and ``x`` from -1 to 1 across the frame) as two
+        input channels (CoordConv, Liu et al. 2018), so that the network can tell where in
+        the frame something is, e.g. how far a digit is from the wall it will bounce off.
+        The network is then no longer the same everywhere in the frame; a larger frame at
+        evaluation stretches the coordinates over it.
     """
 
     def __init__(
@@ -218,12 +243,13 @@ class EncoderForecaster(nn.Module):
         correlation_cost: str = "product",
         advection_radius: int = 5,
         advection_prior: float = 0.0,
+        shift_radius: int = 32,
+        shift_prior: float = 0.0,
+        coordinates: bool = False,
     ) -> None:
         super().__init__()
-        if output not in ("frames", "motion", "translation", "advection"):
-            raise ValueError(
-                f"output must be 'frames', 'motion', 'translation' or 'advection', got {output!r}"
-            )
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
         if output != "frames":
             if in_channels != out_channels or residual or output_activation not in ("identity", "relu"):
                 raise ValueError(
@@ -275,6 +301,9 @@ class EncoderForecaster(nn.Module):
             )
 
         stem_channels = in_channels * patch_size**2
+        self.coordinates = bool(coordinates)
+        if self.coordinates:
+            stem_channels += 2
         if correlation_radius < 0:
             raise ValueError(f"correlation_radius must be >= 0, got {correlation_radius}")
         self.correlation = LocalCorrelation(correlation_radius, patch_size, correlation_cost) if correlation_radius else None
@@ -298,7 +327,11 @@ class EncoderForecaster(nn.Module):
             raise ValueError(f"advection_radius must be >= 1, got {advection_radius}")
         self.advection_radius = int(advection_radius)
         window = (2 * self.advection_radius + 1) ** 2
-        head_channels = {"frames": out_channels * patch_size**2, "advection": window}.get(output, 2)
+        if shift_radius < 1:
+            raise ValueError(f"shift_radius must be >= 1, got {shift_radius}")
+        self.shift_radius = int(shift_radius)
+        shifts = 2 * self.shift_radius + 1
+        head_channels = {"frames": out_channels * patch_size**2, "advection": window, "shift": 2 * shifts}.get(output, 2)
         self.head = nn.Conv2d(hidden[0], head_channels, kernel_size=1)
         if output != "frames":  # (almost) no motion at first: the untrained network is persistence
             nn.init.normal_(self.head.weight, std=float(motion_init_std))
@@ -319,12 +352,21 @@ class EncoderForecaster(nn.Module):
             # to persistence, with a gradient toward every displacement in the window.
             with torch.no_grad():
                 self.head.bias[window // 2] = math.log(9.0 * (window - 1))
+        elif output == "shift" and not shift_prior:  # 90% of each axis' weight on "no shift"
+            with torch.no_grad():
+                self.head.bias[shifts // 2] = self.head.bias[shifts + shifts // 2] = math.log(9.0 * (shifts - 1))
+        if shift_prior < 0 or (shift_prior and output != "shift"):
+            raise ValueError(
+                f"shift_prior must be >= 0 and needs output='shift', got {shift_prior} with output={output!r}"
+            )
+        self.shift_prior = nn.Parameter(torch.tensor(float(shift_prior))) if shift_prior else None
         self.activation = make_output_activation(output_activation)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
         b = x.shape[0]
+        inputs = x
         last = x[:, -1:]  # (B, 1, C, H, W): persistence, for residual=True
         corr = self.correlation(x) if self.correlation is not None else None  # (B, T, K, H/p, W/p)
         # block-matching cost of the last step, flipped from "moved by d" to the window
@@ -333,6 +375,8 @@ class EncoderForecaster(nn.Module):
         x = to_patches(x, self.patch_size)  # (B, T, C*p*p, H/p, W/p)
         if corr is not None:
             x = torch.cat((x, corr), dim=2)  # (B, T, C*p*p + K, H/p, W/p)
+        if self.coordinates:
+            x = torch.cat((x, _coordinates(x)), dim=2)  # (B, T, ... + 2, H/p, W/p)
         states = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
@@ -353,6 +397,8 @@ class EncoderForecaster(nn.Module):
             if prior is not None:  # the same cost added to every lead's logits
                 out = (out.unflatten(0, (b, self.output_steps)) + self.prior_scale * prior[:, None]).flatten(0, 1)
             return self.activation(self._advect(last[:, 0], out, b))
+        if self.output == "shift":
+            return self.activation(self._shift(inputs, out))
         if self.output != "frames":
             return self.activation(self._move(last[:, 0], out, b))
         out = out.unflatten(0, (b, self.output_steps))  # (B, T_out, C_out*p*p, H/p, W/p)
@@ -370,13 +416,32 @@ class EncoderForecaster(nn.Module):
         if self.output == "translation":  # one velocity per sample and lead
             # Averaged where the last frame has content: the velocity of what is there
             # (the digit), not of the empty background around it.
-            ink = F.avg_pool2d(last.abs().sum(1, keepdim=True), p) + 1e-3  # (B, 1, H/p, W/p)
-            ink = (ink / ink.sum(dim=(-2, -1), keepdim=True)).repeat_interleave(self.output_steps, 0)
+            ink = self._ink(last).repeat_interleave(self.output_steps, 0)  # (B*T_out, 1, H/p, W/p)
             velocity = (velocity * ink).sum(dim=(-2, -1), keepdim=True).expand(-1, -1, h, w)  # (B*T_out, 2, H, W)
         elif p > 1:  # a smooth field in pixels; nearest (pixel shuffle) would tear at patch edges
             velocity = F.interpolate(velocity, scale_factor=p, mode="bilinear", align_corners=False)
         velocity = (velocity * p).unflatten(0, (b, self.output_steps))  # (B, T_out, 2, H, W), px/frame
         return warp(last, velocity.cumsum(dim=1), self.warp_padding)  # (B, T_out, C, H, W)
+
+    def _shift(self, inputs: Tensor, logits: Tensor) -> Tensor:
+        """Shift the last of ``inputs`` ``(B, T_in, C, H, W)`` by a distribution over
+        whole-pixel displacements per lead and axis, whose logits ``(B*T_out, 2*(2R+1),
+        H/p, W/p)`` are averaged over the frame where it has content -> ``(B, T_out, C, H, W)``."""
+        b, last = inputs.shape[0], inputs[:, -1]
+        ink = self._ink(last).repeat_interleave(self.output_steps, 0)  # (B*T_out, 1, H/p, W/p)
+        logits = (logits * ink).sum(dim=(-2, -1)).unflatten(0, (b, self.output_steps))  # (B, T_out, 2*(2R+1))
+        if self.shift_prior is not None:
+            logits = logits + self.shift_prior * past_shift_scores(inputs, self.shift_radius, self.output_steps)
+        p_y, p_x = logits.unflatten(-1, (2, -1)).softmax(-1).unbind(2)  # (B, T_out, 2R+1)
+        h, w = last.shape[-2:]
+        s_y, s_x = _shift_matrix(p_y, h), _shift_matrix(p_x, w)  # (B, T_out, H, H), (B, T_out, W, W)
+        # out[i, j] = sum_{dy, dx} p_y[dy] p_x[dx] last[i - dy, j - dx], zeros from outside
+        return torch.einsum("btik,bckl,btjl->btcij", s_y, last, s_x)
+
+    def _ink(self, last: Tensor) -> Tensor:
+        """Where the last frame has content, ``(B, 1, H/p, W/p)`` summing to 1 per sample."""
+        ink = F.avg_pool2d(last.abs().sum(1, keepdim=True), self.patch_size) + 1e-3
+        return ink / ink.sum(dim=(-2, -1), keepdim=True)
 
     def _advect(self, last: Tensor, logits: Tensor, b: int) -> Tensor:
         """Advect ``last`` ``(B, C, H, W)`` lead by lead with the window weights whose
@@ -388,6 +453,69 @@ class EncoderForecaster(nn.Module):
             frame = advect(frame, weights[:, step], block=self.patch_size)  # (B, C, H, W)
             out.append(frame)
         return torch.stack(out, dim=1)  # (B, T_out, C, H, W)
+
+
+def _coordinates(x: Tensor) -> Tensor:
+    """Each cell's position, ``y`` and ``x`` from -1 to 1, as ``(B, T, 2, H, W)`` channels
+    for ``x`` ``(B, T, C, H, W)``."""
+    h, w = x.shape[-2:]
+    gy = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
+    gx = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
+    return torch.stack((gy, gx)).expand(*x.shape[:2], 2, h, w)
+
+
+def _shift_matrix(weights: Tensor, size: int) -> Tensor:
+    """``(..., 2R+1)`` weights of displacements ``-R..R`` -> ``(..., size, size)`` matrices
+    ``S`` with ``(S @ v)[i] = sum_d weights[d] v[i - d]`` (zeros from outside)."""
+    radius = weights.shape[-1] // 2
+    i = torch.arange(size, device=weights.device)
+    offset = i[:, None] - i[None, :] + radius  # (size, size): index of displacement i - j
+    inside = (offset >= 0) & (offset <= 2 * radius)
+    return weights[..., offset.clamp(0, 2 * radius)] * inside
+
+
+def past_shift_scores(x: Tensor, radius: int, leads: int) -> Tensor:
+    """How well each whole-frame shift repeats the past motion: global block matching.
+
+    For lead ``n`` and every displacement ``d`` in ``-R..R`` along each axis: minus the
+    sum of squared differences between the last input frame and the frame ``n`` steps
+    before it moved by ``d`` (the best over the other axis), relative to the last frame's
+    energy, so 0 is a perfect match and -2 no overlap. That is the shift lead ``n`` gets if
+    the motion of the last ``n`` steps repeats. Leads beyond the inputs use the longest
+    span, scaled (constant velocity). Computed with FFTs, without gradient (it depends on
+    the data only). ``(B, T_in, C, H, W)`` -> ``(B, leads, 2 * (2R+1))``, ``y`` then ``x``.
+    """
+    b, t = x.shape[:2]
+    h, w = x.shape[-2:]
+    k = 2 * radius + 1
+    with torch.no_grad():
+        x = x.float().sum(2)  # (B, T, H, W)
+        last, spans = x[:, -1], min(leads, t - 1)
+        past = x[:, -1 - spans:-1].flip(1)  # (B, spans, H, W): 1, 2, ... steps before the last
+        size = (h + k - 1, w + k - 1)
+        f_last = torch.fft.rfft2(last[:, None], s=size)  # (B, 1, ...): one per sample
+        f_past, f_past2 = torch.fft.rfft2(past, s=size), torch.fft.rfft2(past**2, s=size)
+        f_ones = torch.fft.rfft2(torch.ones(h, w, device=x.device), s=size)
+        # cross-correlation at lag d, sum_i a[i - d] b[i], zero-padded so that lags -R..R
+        # do not wrap around; they sit at both ends of the FFT grid, rolled together below
+        corr = torch.fft.irfft2(f_last * f_past.conj(), s=size)
+        energy = torch.fft.irfft2(f_ones * f_past2.conj(), s=size)
+        cost = energy - 2 * corr  # + |last|^2, the same for every d
+        cost = torch.roll(cost, (radius, radius), (-2, -1))[..., :k, :k]  # (B, spans, k, k)
+        energy_last = (last**2).sum((-2, -1))[:, None, None, None]
+        cost = (cost + energy_last) / (energy_last + 1e-6)  # 0: a perfect match, 2: no overlap
+        # per axis: the best match over the other axis
+        marginal = torch.cat((cost.amin(-1), cost.amin(-2)), dim=-1)  # (B, spans, 2k)
+        if leads > spans:  # constant velocity: lead n moved n / spans times the longest span
+            d = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+            scale = spans / torch.arange(spans + 1, leads + 1, device=x.device, dtype=x.dtype)
+            pos = (radius + d[None] * scale[:, None]).clamp(0, k - 1)  # (extra, k) index into -R..R
+            lo = pos.floor().long().clamp(max=k - 2)
+            frac = pos - lo
+            longest = marginal[:, -1].unflatten(-1, (2, k))  # (B, 2, k)
+            extra = longest[..., lo] * (1 - frac) + longest[..., lo + 1] * frac  # (B, 2, extra, k)
+            marginal = torch.cat((marginal, extra.permute(0, 2, 1, 3).flatten(-2)), dim=1)
+    return -marginal  # (B, leads, 2k)
 
 
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:
