@@ -173,7 +173,7 @@ def test_validation_scores_each_archive_and_their_mean(tmp_path):
     cfg = compose_config("train", [
         "data=radar", "model=radar", "data.path=null", f"data.archives=[{sources}]",
         "data.time_step=10min", "data.input_steps=2", "data.output_steps=2", "data.crop_size=[16,16]",
-        "data.batch_size=4", "model.net.hidden_channels=[4,4,4]", "trainer.max_epochs=1",
+        "data.batch_size=4", "model.net.hidden_channels=[4,4,4]", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
         "+trainer.limit_train_batches=1", "callbacks.progress_bar.refresh_rate=0",
         "trainer.enable_model_summary=false",
     ], tmp_path)

@@ -17,7 +17,7 @@ pytest.importorskip("pysteps")
 TINY_RADAR = [
     "model=radar", "model.net.hidden_channels=[4,4,4]",
     "data.input_steps=2", "data.output_steps=1", "data.batch_size=1", "data.crop_size=[32,32]",
-    "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
+    "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
     "+trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
     "callbacks.progress_bar.refresh_rate=0",
 ]
