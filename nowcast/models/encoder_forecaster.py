@@ -366,7 +366,7 @@ class EncoderForecaster(nn.Module):
         """``(B, T_in, C, H, W)`` -> forecast ``(B, T_out, C_out, H, W)``."""
         _check_input(x, self.in_channels, self.input_steps, self.spatial_divisor)
         b = x.shape[0]
-        inputs = x
+        inputs = x  # the frames themselves: a shift head moves the last and block-matches them
         last = x[:, -1:]  # (B, 1, C, H, W): persistence, for residual=True
         corr = self.correlation(x) if self.correlation is not None else None  # (B, T, K, H/p, W/p)
         # block-matching cost of the last step, flipped from "moved by d" to the window
