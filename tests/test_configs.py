@@ -99,7 +99,7 @@ def test_default_run_is_the_light_task_on_a_time_budget(tmp_path):
     ends with the budget, then the test set; the standard task is one override away."""
     cfg = compose_config("train", [], tmp_path)
     assert cfg.data.num_digits == 1 and cfg.data.frame_size == 64
-    assert (cfg.data.input_steps, cfg.data.output_steps) == (10, 10)
+    assert (cfg.data.input_steps, cfg.data.output_steps) == (10, 5)
     assert cfg.model.net.output == "shift" and cfg.model.net.shift_prior > 0 and cfg.test is True
     assert cfg.model.net.hidden_channels == [16, 32]
     assert cfg.trainer.max_time == "00:00:08:00"
@@ -107,9 +107,11 @@ def test_default_run_is_the_light_task_on_a_time_budget(tmp_path):
     assert scheduler.budget_s == 480.0 and scheduler.T_max == cfg.trainer.max_epochs
     standard = compose_config("train", ["data=moving_mnist_standard"], tmp_path)
     assert standard.data.num_digits == 2 and standard.data.data_dir != cfg.data.data_dir
+    assert (standard.data.input_steps, standard.data.output_steps) == (10, 10)
     for name in ("mmnist_shi2015", "mmnist_convlstm"):  # GPU recipes: standard task, no budget
         exp = compose_config("train", [f"experiment={name}"], tmp_path)
         assert exp.data.num_digits == 2 and exp.trainer.max_time is None
+        assert exp.data.output_steps == exp.model.net.output_steps == 10
 
 
 def _sgd():
