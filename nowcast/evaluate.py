@@ -250,40 +250,73 @@ def metrics_json(results: dict[str, dict[str, float]], flags: list[dict[str, str
     return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False)
 
 
-def _as_period(value: Any) -> tuple[np.datetime64, np.datetime64] | None:
+def _as_periods(value: Any) -> list[tuple[np.datetime64, np.datetime64]]:
+    """``None``, ``[start, end]`` or ``[[start, end], ...]`` -> a list of periods."""
     if value is None:
-        return None
-    start, end = (np.datetime64(str(v), "ns") for v in list(value))
-    return start, end
+        return []
+    items = list(value)
+    if items and not isinstance(items[0], (str, np.datetime64)) and hasattr(items[0], "__len__"):
+        return [p for item in items for p in _as_periods(item)]
+    start, end = (np.datetime64(str(v), "ns") for v in items)
+    return [(start, end)]
+
+
+def _show(periods: list[tuple[np.datetime64, np.datetime64]]) -> str:
+    return ", ".join(f"[{start}, {end}]" for start, end in periods)
+
+
+def _stored_source(stored: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored periods that apply to the evaluated data.
+
+    A multi-archive checkpoint (``data.archives``) stores periods per archive; evaluating
+    one archive (``data.path``) compares with the stored archive at the same path, whose
+    unset periods are the datamodule's. ``None``: the evaluated archive was not trained on.
+    """
+    archives = stored.get("archives")
+    if not archives or not evaluated.get("path") or evaluated.get("archives") not in (None, archives):
+        return stored
+    target = Path(str(evaluated["path"])).expanduser().resolve()
+    for archive in archives:
+        if isinstance(archive, dict) and archive.get("path") is not None \
+                and Path(str(archive["path"])).expanduser().resolve() == target:
+            keys = ("train_period", "val_period", "test_period")
+            return {k: archive[k] if archive.get(k) is not None else stored.get(k) for k in keys}
+    return None
 
 
 def period_overlap(stored: dict[str, Any], evaluated: dict[str, Any],
                    ckpt_path: str | Path) -> str | None:
     """A message when the checkpoint's training period overlaps the evaluated test period.
 
-    Compares config values (``train_period``, ``val_period``, ``test_period``; radar data):
-    ``stored`` is the data config training used, ``evaluated`` the one evaluated (its
-    ``test_period`` may have been overridden). A stored ``train_period: null`` means "every frame outside the stored
-    validation and test periods", so a test period outside those overlaps training.
+    Compares config values (``train_period``, ``val_period``, ``test_period``; radar data,
+    each one period or a list of them): ``stored`` is the data config training used,
+    ``evaluated`` the one evaluated (its ``test_period`` may have been overridden). A
+    stored ``train_period: null`` means "every frame outside the stored validation and
+    test periods", so a test period outside those overlaps training. A multi-archive
+    checkpoint is compared archive by archive (:func:`_stored_source`).
     """
+    source = _stored_source(stored, evaluated)
+    if source is None or "train_period" not in source:
+        return None  # an archive not trained on, or data without periods (Moving-MNIST)
     try:
-        test = _as_period(evaluated.get("test_period"))
-        train = _as_period(stored.get("train_period"))
-        held = [p for p in (_as_period(stored.get("val_period")), _as_period(stored.get("test_period"))) if p]
+        tests = _as_periods(evaluated.get("test_period"))
+        train = _as_periods(source.get("train_period"))
+        held = _as_periods(source.get("val_period")) + _as_periods(source.get("test_period"))
     except (TypeError, ValueError):
         return None  # malformed periods: the datamodule reports them
-    if test is None or "train_period" not in stored:
+    if not tests:
         return None
     where = f"checkpoint {ckpt_path}"
-    if train is not None:
-        if train[0] <= test[1] and test[0] <= train[1]:
-            return (f"the test period [{test[0]}, {test[1]}] overlaps the training period "
-                    f"[{train[0]}, {train[1]}] stored in {where}: these test scores are on data "
-                    "the model was trained on")
+    if train:
+        hit = [t for t in tests if any(p[0] <= t[1] and t[0] <= p[1] for p in train)]
+        if hit:
+            return (f"the test period {_show(hit)} overlaps the training period {_show(train)} "
+                    f"stored in {where}: these test scores are on data the model was trained on")
         return None
-    if any(p[0] <= test[0] and test[1] <= p[1] for p in held):
+    outside = [t for t in tests if not any(p[0] <= t[0] and t[1] <= p[1] for p in held)]
+    if not outside:
         return None
-    return (f"the test period [{test[0]}, {test[1]}] is not inside the validation/test periods held "
+    return (f"the test period {_show(outside)} is not inside the validation/test periods held "
             f"out when training {where} (train_period=null trains on every other frame): these "
             "test scores are on data the model was trained on")
 

@@ -106,6 +106,29 @@ def test_train_test_period_overlap(stored, test_period, overlaps):
         assert "run/best.ckpt" in message and "trained on" in message
 
 
+def test_period_overlap_of_a_multi_archive_checkpoint_is_per_archive(tmp_path):
+    """data.path scores one archive of a radar_multi checkpoint: its held-out periods are
+    that archive's (one or several), not the datamodule's; an archive never trained on is
+    not flagged."""
+    bom, knmi, other = tmp_path / "bom", tmp_path / "knmi", tmp_path / "other"
+    stored = {"train_period": None, "val_period": None, "test_period": None, "archives": [
+        {"name": "bom", "path": str(bom), "val_period": ["2020-10-31T06:00", "2020-10-31T07:50"],
+         "test_period": ["2020-10-31T08:00", "2020-10-31T11:50"]},
+        {"name": "knmi", "path": str(tmp_path / "x" / ".." / "knmi"),
+         "test_period": [["2021-02-02T00:00", "2021-02-02T23:59"], ["2021-02-04T00:00", "2021-02-04T23:59"]]},
+    ]}
+
+    def overlap(path, test_period):
+        return period_overlap(stored, {**stored, "path": str(path), "test_period": test_period}, "run/best.ckpt")
+
+    assert overlap(bom, ["2020-10-31T08:00", "2020-10-31T11:50"]) is None
+    assert overlap(knmi, [["2021-02-02T00:00", "2021-02-02T23:59"], ["2021-02-04T00:00", "2021-02-04T23:59"]]) is None
+    message = overlap(knmi, [["2021-02-02T00:00", "2021-02-02T23:59"], ["2021-02-03T00:00", "2021-02-03T23:59"]])
+    assert "2021-02-03" in message and "2021-02-02" not in message and "trained on" in message
+    assert "trained on" in overlap(bom, ["2020-10-31T05:00", "2020-10-31T05:50"])
+    assert overlap(other, ["2020-10-31T05:00", "2020-10-31T05:50"]) is None  # never trained on
+
+
 def _old_loop(ckpt: Path, baselines: list[str]) -> dict[str, dict[str, float]]:
     """evaluate's own test loop as it was before it ran through Trainer.test (commit
     b9c7bd8), kept here as the reference for the numbers."""
