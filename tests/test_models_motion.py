@@ -1,10 +1,11 @@
 """MotionNowcaster and warp: shapes, persistence at start, a blob moved by the flow,
-gradients reaching the flow, construction and input errors."""
+gradients reaching the flow, the block-matching start, construction and input errors."""
 
 import pytest
 import torch
 
 from nowcast.models import EncoderForecaster, MotionNowcaster
+from nowcast.models.encoder_forecaster import global_velocity
 from nowcast.models.warp import warp
 
 
@@ -91,6 +92,46 @@ def test_a_small_random_head_passes_gradient_to_the_convlstm_at_the_first_step()
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == reaches
 
 
+def _blobs(velocity: tuple[float, float], steps: int, size: int = 48) -> torch.Tensor:
+    """Gaussian blobs drifting at ``velocity`` (dx, dy) px per step: ``(1, steps, 1, size, size)``."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.rand(6, 2, generator=g) * (size - 20) + 10  # (x, y)
+    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    frames = []
+    for t in range(steps):
+        c = centres + torch.tensor(velocity) * t
+        d2 = (xs[None] - c[:, 0, None, None]) ** 2 + (ys[None] - c[:, 1, None, None]) ** 2
+        frames.append(torch.exp(-d2 / (2 * 3.0**2)).sum(0))
+    return torch.stack(frames)[None, :, None]
+
+
+@pytest.mark.parametrize("velocity", [(2.5, -1.25), (-3.0, 0.0), (0.4, 1.7)])
+def test_global_velocity_finds_a_sub_pixel_drift(velocity):
+    x = _blobs(velocity, 4)
+    for span in (1, 3):
+        v = global_velocity(x, radius=12, span=span)
+        assert v.shape == (1, 2)
+        torch.testing.assert_close(v[0], torch.tensor(velocity), atol=0.15, rtol=0)
+    with pytest.raises(ValueError, match="span must be in 1..3"):
+        global_velocity(x, radius=12, span=4)
+
+
+def test_motion_prior_starts_as_the_drift_of_the_inputs():
+    """Untrained, with a zero head: the last frame moved at the inputs' velocity, which
+    forecasts drifting blobs far better than persistence; the backbone still gets a gradient."""
+    torch.manual_seed(0)
+    seq = _blobs((2.0, 1.0), 5)  # 3 inputs, 2 leads
+    x, y = seq[:, :3], seq[:, 3:]
+    prior = _net(motion_prior=True, prior_radius=8, init_std=0.0)
+    persistence_mse = ((x[:, -1:] - y) ** 2).mean()
+    prior_mse = ((prior(x) - y) ** 2).mean()
+    assert prior_mse < 0.02 * persistence_mse
+    torch.testing.assert_close(_net(init_std=0.0)(x), x[:, -1:].expand_as(y))  # no prior: persistence
+    net = _net(motion_prior=True, prior_radius=8, init_std=0.01)
+    ((net(x) - y) ** 2).mean().backward()
+    assert net.net.head.weight.grad.abs().sum() > 0
+
+
 def test_bad_input_and_bad_backbone():
     net = _net()
     with pytest.raises(ValueError, match=r"expected \(B, T, C, H, W\)"):
@@ -99,5 +140,9 @@ def test_bad_input_and_bad_backbone():
         MotionNowcaster(EncoderForecaster(1, 1, [4], 3, (1, 2, 2), 3, 2, (16, 16)))
     with pytest.raises(ValueError, match="odd width"):
         _net(flow_smoothing=4)
+    with pytest.raises(ValueError, match=r"prior_span must be in 1..2"):
+        _net(motion_prior=True, prior_span=3)
+    with pytest.raises(ValueError, match="prior_radius must be >= 1"):
+        _net(motion_prior=True, prior_radius=0)
     with pytest.raises(ValueError, match=r"displacement \(B, T, 2, H, W\)"):
         warp(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 3, 8, 8))

@@ -30,6 +30,8 @@ def test_experiment_composes_into_the_motion_network(tmp_path):
     model = instantiate(cfg.model)
     assert isinstance(model.net, MotionNowcaster) and isinstance(model.net.net, EncoderForecaster)
     assert model.net.net.out_channels == 3 and model.net.output_steps == 6
+    # the flow starts from the inputs' whole-frame velocity; 16 px a step over 3 steps fit the search
+    assert model.net.motion_prior and model.net.prior_radius >= model.net.max_speed * model.net.prior_span
     assert model.scheduler_factory is None  # max_time decides, not an epoch count
 
 

@@ -474,23 +474,20 @@ def _shift_matrix(weights: Tensor, size: int) -> Tensor:
     return weights[..., offset.clamp(0, 2 * radius)] * inside
 
 
-def past_shift_scores(x: Tensor, radius: int, leads: int) -> Tensor:
-    """How well each whole-frame shift repeats the past motion: global block matching.
+def shift_costs(x: Tensor, radius: int, spans: int) -> Tensor:
+    """Global block matching: the cost of every whole-frame shift of the recent past.
 
-    For lead ``n`` and every displacement ``d`` in ``-R..R`` along each axis: minus the
-    sum of squared differences between the last input frame and the frame ``n`` steps
-    before it moved by ``d`` (the best over the other axis), relative to the last frame's
-    energy, so 0 is a perfect match and -2 no overlap. That is the shift lead ``n`` gets if
-    the motion of the last ``n`` steps repeats. Leads beyond the inputs use the longest
-    span, scaled (constant velocity). Computed with FFTs, without gradient (it depends on
-    the data only). ``(B, T_in, C, H, W)`` -> ``(B, leads, 2 * (2R+1))``, ``y`` then ``x``.
+    For ``n = 1..spans`` and every displacement ``d = (dy, dx)`` in ``-R..R``: the sum of
+    squared differences between the last frame and the frame ``n`` steps before it moved by
+    ``d``, relative to the last frame's energy: 0 is a perfect match, 2 no overlap (zeros
+    outside the frame). Computed with FFTs, without gradient (it depends on the data only).
+    ``(B, T, C, H, W)`` -> ``(B, spans, 2R+1, 2R+1)``, index ``[..., R + dy, R + dx]``.
     """
-    b, t = x.shape[:2]
     h, w = x.shape[-2:]
     k = 2 * radius + 1
     with torch.no_grad():
         x = x.float().sum(2)  # (B, T, H, W)
-        last, spans = x[:, -1], min(leads, t - 1)
+        last = x[:, -1]
         past = x[:, -1 - spans:-1].flip(1)  # (B, spans, H, W): 1, 2, ... steps before the last
         size = (h + k - 1, w + k - 1)
         f_last = torch.fft.rfft2(last[:, None], s=size)  # (B, 1, ...): one per sample
@@ -503,12 +500,28 @@ def past_shift_scores(x: Tensor, radius: int, leads: int) -> Tensor:
         cost = energy - 2 * corr  # + |last|^2, the same for every d
         cost = torch.roll(cost, (radius, radius), (-2, -1))[..., :k, :k]  # (B, spans, k, k)
         energy_last = (last**2).sum((-2, -1))[:, None, None, None]
-        cost = (cost + energy_last) / (energy_last + 1e-6)  # 0: a perfect match, 2: no overlap
+        return (cost + energy_last) / (energy_last + 1e-6)  # (B, spans, k, k)
+
+
+def past_shift_scores(x: Tensor, radius: int, leads: int) -> Tensor:
+    """How well each whole-frame shift repeats the past motion: global block matching.
+
+    For lead ``n`` and every displacement ``d`` in ``-R..R`` along each axis: minus the
+    :func:`shift_costs` of moving the frame ``n`` steps before the last by ``d`` (the best
+    over the other axis), so 0 is a perfect match and -2 no overlap. That is the shift
+    lead ``n`` gets if the motion of the last ``n`` steps repeats. Leads beyond the inputs
+    use the longest span, scaled (constant velocity). Without gradient.
+    ``(B, T_in, C, H, W)`` -> ``(B, leads, 2 * (2R+1))``, ``y`` then ``x``.
+    """
+    k = 2 * radius + 1
+    spans = min(leads, x.shape[1] - 1)
+    with torch.no_grad():
+        cost = shift_costs(x, radius, spans)  # (B, spans, k, k)
         # per axis: the best match over the other axis
         marginal = torch.cat((cost.amin(-1), cost.amin(-2)), dim=-1)  # (B, spans, 2k)
         if leads > spans:  # constant velocity: lead n moved n / spans times the longest span
-            d = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-            scale = spans / torch.arange(spans + 1, leads + 1, device=x.device, dtype=x.dtype)
+            d = torch.arange(-radius, radius + 1, device=x.device, dtype=marginal.dtype)
+            scale = spans / torch.arange(spans + 1, leads + 1, device=x.device, dtype=marginal.dtype)
             pos = (radius + d[None] * scale[:, None]).clamp(0, k - 1)  # (extra, k) index into -R..R
             lo = pos.floor().long().clamp(max=k - 2)
             frac = pos - lo
@@ -516,6 +529,39 @@ def past_shift_scores(x: Tensor, radius: int, leads: int) -> Tensor:
             extra = longest[..., lo] * (1 - frac) + longest[..., lo + 1] * frac  # (B, 2, extra, k)
             marginal = torch.cat((marginal, extra.permute(0, 2, 1, 3).flatten(-2)), dim=1)
     return -marginal  # (B, leads, 2k)
+
+
+def global_velocity(x: Tensor, radius: int, span: int = 1) -> Tensor:
+    """The whole frame's velocity over the last ``span`` steps, by global block matching.
+
+    The displacement with the lowest :func:`shift_costs` between the last frame and the one
+    ``span`` steps before it, refined to a fraction of a pixel by a parabola through the
+    neighbouring costs along each axis, divided by ``span``. Without gradient.
+    ``(B, T, C, H, W)`` -> ``(B, 2)`` in pixels per step, ``(dx, dy)``: x to the right, y down
+    (the order of :func:`nowcast.models.warp.warp`).
+    """
+    if not 1 <= span < x.shape[1]:
+        raise ValueError(f"span must be in 1..{x.shape[1] - 1} (T - 1), got {span}")
+    k = 2 * radius + 1
+    with torch.no_grad():
+        cost = shift_costs(x, radius, span)[:, -1]  # (B, k, k)
+        best = cost.flatten(1).argmin(1)  # (B,)
+        iy, ix = best // k, best % k
+        rows = torch.arange(cost.shape[0], device=x.device)
+
+        def refine(i: Tensor, along_y: bool) -> Tensor:
+            """Sub-pixel offset of the minimum at index ``i`` along one axis."""
+            lo, hi = (i - 1).clamp(0, k - 1), (i + 1).clamp(0, k - 1)
+            at = (lambda j: cost[rows, j, ix]) if along_y else (lambda j: cost[rows, iy, j])
+            c0, cm, cp = at(i), at(lo), at(hi)
+            curvature = cm - 2 * c0 + cp
+            offset = torch.where(curvature > 1e-9, 0.5 * (cm - cp) / curvature.clamp_min(1e-9),
+                                 torch.zeros_like(c0))
+            inner = (i > 0) & (i < k - 1)  # at the edge of the search window: no parabola
+            return i.to(cost.dtype) + torch.where(inner, offset.clamp(-0.5, 0.5), torch.zeros_like(c0))
+
+        dy, dx = refine(iy, True) - radius, refine(ix, False) - radius
+    return torch.stack((dx, dy), dim=1) / span  # (B, 2)
 
 
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:

@@ -14,8 +14,10 @@ and ``r`` is added:
     y_k(p) = activation(x_last(p - d_k(p)) + r_k(p)),   d_k = sum_{j<=k} v_j
 
 The backbone's last layer starts at zero, so the untrained network is persistence and
-training only moves it where the data says so. No pysteps call: the motion is the
-network's own.
+training only moves it where the data says so. With ``motion_prior`` every velocity starts
+from the inputs' whole-frame velocity (global block matching, :func:`global_velocity`), so
+the untrained network is a translation of the last frame and the backbone learns what a
+single velocity misses. No pysteps call: the motion is the network's own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nowcast.models.encoder_forecaster import make_output_activation
+from nowcast.models.encoder_forecaster import global_velocity, make_output_activation
 from nowcast.models.warp import warp
 
 
@@ -61,6 +63,18 @@ class MotionNowcaster(nn.Module):
         their untrained features (with rotated and flipped training windows the mean
         motion is zero, so they hardly do). A small value keeps the start near
         persistence with a live gradient; Adam's steps do not depend on its size.
+    motion_prior
+        Add to every lead's velocity the whole frame's velocity over the inputs, found by
+        global block matching (:func:`~nowcast.models.encoder_forecaster.global_velocity`,
+        no gradient): the untrained network extrapolates the domain's mean motion, as the
+        simplest nowcasts do, instead of standing still.
+    prior_radius
+        Largest displacement (pixels, each axis) the block matching searches, over
+        ``prior_span`` steps.
+    prior_span
+        Steps between the two frames matched: the last input and the one ``prior_span``
+        steps before it (a longer span resolves slow motion better). ``None``: the first
+        input.
     """
 
     def __init__(
@@ -72,6 +86,9 @@ class MotionNowcaster(nn.Module):
         output_activation: str = "relu",
         straight_through: bool = True,
         init_std: float = 0.0,
+        motion_prior: bool = False,
+        prior_radius: int = 48,
+        prior_span: int | None = None,
     ) -> None:
         super().__init__()
         if flow_smoothing < 1 or flow_smoothing % 2 == 0:
@@ -94,6 +111,15 @@ class MotionNowcaster(nn.Module):
         self.input_steps = int(net.input_steps)
         self.output_steps = int(net.output_steps)
         self.spatial_divisor = int(getattr(net, "spatial_divisor", 1))
+        self.motion_prior = bool(motion_prior)
+        self.prior_radius = int(prior_radius)
+        self.prior_span = self.input_steps - 1 if prior_span is None else int(prior_span)
+        if self.motion_prior and not 1 <= self.prior_span < self.input_steps:
+            raise ValueError(
+                f"prior_span must be in 1..{self.input_steps - 1} (input_steps - 1), got {prior_span}"
+            )
+        if self.motion_prior and self.prior_radius < 1:
+            raise ValueError(f"prior_radius must be >= 1, got {prior_radius}")
         head = getattr(net, "head", None)
         if isinstance(head, nn.Conv2d):
             nn.init.normal_(head.weight, std=float(init_std))
@@ -117,6 +143,8 @@ class MotionNowcaster(nn.Module):
             k = self.flow_smoothing
             velocity = F.avg_pool2d(velocity.flatten(0, 1), k, stride=1, padding=k // 2,
                                     count_include_pad=False).unflatten(0, (b, t))  # (B, T_out, 2, H, W)
+        if self.motion_prior:  # the inputs' whole-frame velocity, learned corrections on top
+            velocity = velocity + global_velocity(x, self.prior_radius, self.prior_span)[:, None, :, None, None]
         displacement = velocity.cumsum(dim=1)  # (B, T_out, 2, H, W): lead k moved by v_1 + ... + v_k
         return displacement, out[:, :, 2:]
 
