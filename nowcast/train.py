@@ -291,13 +291,20 @@ def check_wandb(logger_cfg: DictConfig | None, env: dict[str, str] | None = None
             )
 
 
+def _archives_validate(data: Any) -> bool:
+    """Whether several archives (``data.archives``, used when ``data.path`` is unset) bring
+    validation periods of their own."""
+    archives = data.get("archives") if data.get("path") is None else None
+    return any(a.get("val_period") is not None for a in archives or [])
+
+
 def warn_without_validation(cfg: DictConfig) -> bool:
     """Warn (and return True) when the run has no validation set; say what that disables."""
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
     reason = None
     if "val_size" in data and not data.get("val_size"):
         reason = f"data.val_size={data.get('val_size')}"
-    elif "val_period" in data and data.get("val_period") is None:
+    elif "val_period" in data and data.get("val_period") is None and not _archives_validate(data):
         reason = "data.val_period=null"
     elif trainer.get("limit_val_batches") in (0, 0.0):
         reason = "trainer.limit_val_batches=0"

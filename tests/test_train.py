@@ -272,6 +272,25 @@ def test_no_validation_set_is_a_warning_that_says_what_it_disables(train_cfg, ca
         assert what in message, what
 
 
+def test_archives_with_validation_periods_are_not_warned_about(tmp_path, caplog):
+    import logging
+
+    from nowcast.train import warn_without_validation
+
+    # data=radar_multi: data.val_period is null, the archives bring their own
+    cfg = compose_config("train", ["experiment=radar_multi"], tmp_path / "a")
+    with caplog.at_level(logging.WARNING, logger="nowcast.train"):
+        assert not warn_without_validation(cfg)
+        # one archive (data.path) with no validation period of its own is warned about
+        one = compose_config("train", ["experiment=radar_multi", "data.path=/some/archive"], tmp_path / "b")
+        assert warn_without_validation(one)
+        # and so are archives none of which validates
+        none = compose_config("train", ["experiment=radar_multi", "data.archives.0.val_period=null",
+                                        "data.archives.1.val_period=null"], tmp_path / "c")
+        assert warn_without_validation(none)
+    assert sum("WITHOUT validation" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_wandb_without_key_fails_fast_naming_offline_mode(train_cfg, tmp_path, monkeypatch):
     for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.delenv(key, raising=False)
