@@ -39,6 +39,7 @@ from nowcast.checkpoints import (
     load_checkpoint,
     stored_config,
 )
+from nowcast.data.archives import Periods, format_period, parse_periods
 from nowcast.io_utils import atomic_path, atomic_write_text, save_figure
 from nowcast.plots import forecast_panel, scores_vs_lead
 from nowcast.run_folders import config_dir
@@ -250,19 +251,8 @@ def metrics_json(results: dict[str, dict[str, float]], flags: list[dict[str, str
     return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False)
 
 
-def _as_periods(value: Any) -> list[tuple[np.datetime64, np.datetime64]]:
-    """``None``, ``[start, end]`` or ``[[start, end], ...]`` -> a list of periods."""
-    if value is None:
-        return []
-    items = list(value)
-    if items and not isinstance(items[0], (str, np.datetime64)) and hasattr(items[0], "__len__"):
-        return [p for item in items for p in _as_periods(item)]
-    start, end = (np.datetime64(str(v), "ns") for v in items)
-    return [(start, end)]
-
-
-def _show(periods: list[tuple[np.datetime64, np.datetime64]]) -> str:
-    return ", ".join(f"[{start}, {end}]" for start, end in periods)
+def _show(periods: Periods) -> str:
+    return ", ".join(format_period(p) for p in periods)
 
 
 def _stored_source(stored: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any] | None:
@@ -299,9 +289,9 @@ def period_overlap(stored: dict[str, Any], evaluated: dict[str, Any],
     if source is None or "train_period" not in source:
         return None  # an archive not trained on, or data without periods (Moving-MNIST)
     try:
-        tests = _as_periods(evaluated.get("test_period"))
-        train = _as_periods(source.get("train_period"))
-        held = _as_periods(source.get("val_period")) + _as_periods(source.get("test_period"))
+        tests = parse_periods("test_period", evaluated.get("test_period")) or []
+        train = parse_periods("train_period", source.get("train_period")) or []
+        held = [p for key in ("val_period", "test_period") for p in parse_periods(key, source.get(key)) or []]
     except (TypeError, ValueError):
         return None  # malformed periods: the datamodule reports them
     if not tests:
