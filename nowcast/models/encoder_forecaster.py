@@ -544,7 +544,8 @@ def global_velocity(x: Tensor, radius: int, span: int = 1) -> Tensor:
         raise ValueError(f"span must be in 1..{x.shape[1] - 1} (T - 1), got {span}")
     k = 2 * radius + 1
     with torch.no_grad():
-        cost = shift_costs(x, radius, span)[:, -1]  # (B, k, k)
+        # the two frames matched only (x[:, -1 - span] and x[:, -1]): one cost volume, not span
+        cost = shift_costs(x[:, -1 - span::span], radius, 1)[:, 0]  # (B, k, k)
         best = cost.flatten(1).argmin(1)  # (B,)
         iy, ix = best // k, best % k
         rows = torch.arange(cost.shape[0], device=x.device)
