@@ -115,41 +115,37 @@ def test_torch_export_with_dynamic_frame_size_is_refused_before_tracing(tmp_path
     assert not (tmp_path / "x.pt2").exists()
 
 
+def _assert_onnx_runtime_matches(net: torch.nn.Module, path: Path) -> None:
+    """Export ``net`` on a (2, 4, 1, 32, 32) input; ONNX Runtime gives its forecast to 1e-5."""
+    import onnxruntime as ort
+
+    x = torch.rand(2, 4, 1, 32, 32)
+    torch.onnx.export(net, (x,), dynamo=True).save(str(path))
+    session = ort.InferenceSession(str(path))
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(y, net(x).numpy(), atol=1e-5)
+
+
 def test_shift_head_with_its_block_matching_prior_exports_to_onnx(tmp_path):
     """The default Moving-MNIST network (shift head, FFT block matching, coordinates)
     converts to ONNX and ONNX Runtime gives the same forecast."""
-    import onnxruntime as ort
-
     from nowcast.models import EncoderForecaster
 
     torch.manual_seed(0)
     net = EncoderForecaster(1, 1, [4, 4], 3, (1, 2, 2), 4, 3, (32, 32), patch_size=4, output="shift",
                             output_activation="identity", shift_radius=12, shift_prior=5.0,
                             coordinates=True, motion_init_std=0.01).eval()
-    x = torch.rand(2, 4, 1, 32, 32)
-    path = tmp_path / "shift.onnx"
-    torch.onnx.export(net, (x,), dynamo=True).save(str(path))
-    session = ort.InferenceSession(str(path))
-    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(y, net(x).numpy(), atol=1e-5)
+    _assert_onnx_runtime_matches(net, tmp_path / "shift.onnx")
 
 
 def test_motion_nowcaster_with_its_velocity_start_exports_to_onnx(tmp_path):
     """The radar_multi network with the block-matching start (argmin and sub-pixel
     refinement of FFT costs) converts to ONNX and ONNX Runtime gives the same forecast."""
-    import onnxruntime as ort
-
     from nowcast.models import EncoderForecaster, MotionNowcaster
 
     torch.manual_seed(0)
     backbone = EncoderForecaster(1, 3, [4, 4], 3, (1, 2, 2), 4, 3, (32, 32), patch_size=4,
                                  output_activation="identity")
     net = MotionNowcaster(backbone, motion_prior=True, prior_radius=6, init_std=0.01).eval()
-    x = torch.rand(2, 4, 1, 32, 32)
-    path = tmp_path / "motion.onnx"
-    torch.onnx.export(net, (x,), dynamo=True).save(str(path))
-    session = ort.InferenceSession(str(path))
-    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(y, net(x).numpy(), atol=1e-5)
+    _assert_onnx_runtime_matches(net, tmp_path / "motion.onnx")
