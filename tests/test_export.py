@@ -149,3 +149,15 @@ def test_motion_nowcaster_with_its_velocity_start_exports_to_onnx(tmp_path):
                                  output_activation="identity")
     net = MotionNowcaster(backbone, motion_prior=True, prior_radius=6, init_std=0.01).eval()
     _assert_onnx_runtime_matches(net, tmp_path / "motion.onnx")
+
+
+def test_motion_nowcaster_with_a_velocity_per_tile_exports_to_onnx(tmp_path):
+    """With ``prior_tile`` smaller than the frame (block matching per tile, interpolated by
+    grid_sample), the export still matches ONNX Runtime."""
+    from nowcast.models import EncoderForecaster, MotionNowcaster
+
+    torch.manual_seed(0)
+    backbone = EncoderForecaster(1, 3, [4, 4], 3, (1, 2, 2), 4, 3, (32, 32), patch_size=4,
+                                 output_activation="identity")
+    net = MotionNowcaster(backbone, motion_prior=True, prior_radius=6, prior_tile=16, init_std=0.01).eval()
+    _assert_onnx_runtime_matches(net, tmp_path / "motion_tiles.onnx")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nowcast.models import EncoderForecaster, MotionNowcaster
-from nowcast.models.encoder_forecaster import global_velocity
+from nowcast.models.encoder_forecaster import global_velocity, regional_velocity
 from nowcast.models.warp import warp
 
 
@@ -130,6 +130,87 @@ def test_motion_prior_starts_as_the_drift_of_the_inputs():
     net = _net(motion_prior=True, prior_radius=8, init_std=0.01)
     ((net(x) - y) ** 2).mean().backward()
     assert net.net.head.weight.grad.abs().sum() > 0
+
+
+def _field(velocity: tuple[float, float], steps: int, size: int, blobs: int = 80) -> torch.Tensor:
+    """A dense field of Gaussian blobs drifting at ``velocity`` (dx, dy) px per step, wrapping
+    around: ``(1, steps, 1, size, size)``."""
+    g = torch.Generator().manual_seed(5)
+    centres = torch.rand(blobs, 2, generator=g) * size  # (x, y)
+    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    frames = []
+    for t in range(steps):
+        c = centres + torch.tensor(velocity) * t
+        dx = (xs[None] - c[:, 0, None, None] + size / 2) % size - size / 2
+        dy = (ys[None] - c[:, 1, None, None] + size / 2) % size - size / 2
+        frames.append(torch.exp(-(dx**2 + dy**2) / (2 * 3.0**2)).sum(0))
+    return torch.stack(frames)[None, :, None]
+
+
+def _two_regions(steps: int = 4) -> torch.Tensor:
+    """Blobs that drift right (3 px per step) in the left half of a 96 x 160 frame and up
+    (2 px per step) in the right half: ``(1, steps, 1, 96, 160)``."""
+    left, right = _field((3.0, 0.0), steps, 160), _field((0.0, -2.0), steps, 160)
+    return torch.cat((left[..., 32:128, :80], right[..., 32:128, 80:]), dim=-1)
+
+
+def test_regional_velocity_follows_each_region_and_falls_back_to_the_whole_frame():
+    x = _two_regions()
+    v = regional_velocity(x, radius=12, span=3, tile=40, stride=20)  # (1, 2, 96, 160)
+    assert v.shape == (1, 2, 96, 160)
+    # within 0.4 px per step: what enters a tile during the span pulls its match towards 0
+    torch.testing.assert_close(v[0, :, 48, 20], torch.tensor([3.0, 0.0]), atol=0.4, rtol=0)
+    torch.testing.assert_close(v[0, :, 48, 140], torch.tensor([0.0, -2.0]), atol=0.4, rtol=0)
+    # the whole frame's single velocity is right in neither half
+    whole = global_velocity(x, radius=12, span=3)[0]
+    assert (whole - torch.tensor([3.0, 0.0])).abs().max() > 1.0 or (whole - torch.tensor([0.0, -2.0])).abs().max() > 1.0
+    # a frame no larger than a tile: the whole frame's velocity everywhere
+    crop = x[..., :40, :40]
+    torch.testing.assert_close(regional_velocity(crop, 12, 3, tile=40),
+                               global_velocity(crop, 12, 3)[:, :, None, None].expand(1, 2, 40, 40))
+    # a dry region takes the whole frame's velocity, not a match of nothing
+    dry = x.clone()
+    dry[..., 80:] = 0.0
+    v = regional_velocity(dry, radius=12, span=3, tile=40, stride=20)
+    torch.testing.assert_close(v[0, :, 48, 150], global_velocity(dry, 12, 3)[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="tile must be at least"):
+        regional_velocity(x, radius=12, span=3, tile=20)
+    with pytest.raises(ValueError, match=r"stride must be in 1..tile \(40\), got 41"):
+        regional_velocity(x, radius=12, span=3, tile=40, stride=41)
+
+
+def test_regional_prior_forecasts_two_motions_that_one_velocity_cannot():
+    seq = _two_regions(steps=5)
+    x, y = seq[:, :3], seq[:, 3:]
+    backbone = EncoderForecaster(1, 3, [4, 4], 3, (1, 2, 2), 3, 2, (96, 160), patch_size=2,
+                                 output_activation="identity")
+    regional = MotionNowcaster(backbone, motion_prior=True, prior_radius=12, prior_tile=40, prior_stride=20)
+    whole = MotionNowcaster(backbone, motion_prior=True, prior_radius=12)
+    inner = (..., slice(16, -16), slice(16, -16))  # away from what enters at the edges
+    regional_mse = ((regional(x) - y)[inner] ** 2).mean()
+    whole_mse = ((whole(x) - y)[inner] ** 2).mean()
+    assert regional_mse < 0.2 * whole_mse
+    with pytest.raises(ValueError, match="prior_tile must be at least"):
+        _net(motion_prior=True, prior_radius=8, prior_tile=10)
+
+
+def test_lagrangian_inputs_hold_moving_rain_still_for_the_backbone():
+    """With lagrangian_inputs the backbone reads the inputs moved along the prior's motion:
+    drifting blobs stand still there. A zero head forecasts as without it."""
+    seq = _blobs((2.0, 1.0), 5)
+    x = seq[:, :3]
+    net = _net(motion_prior=True, prior_radius=8, init_std=0.0, lagrangian_inputs=True)
+    seen = []
+    net.net.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    y = net(x)
+    inner = (..., slice(6, -6), slice(6, -6))  # what enters at the edges is repeated border
+    drift = (x[:, :1] - x[:, -1:])[inner].abs().max()
+    held = (seen[0][:, :1] - seen[0][:, -1:])[inner].abs().max()
+    assert held < 0.1 * drift
+    torch.testing.assert_close(seen[0][:, -1], x[:, -1])  # the last input as it is
+    torch.testing.assert_close(y, _net(motion_prior=True, prior_radius=8, init_std=0.0)(x))
+    with pytest.raises(ValueError, match="lagrangian_inputs needs motion_prior"):
+        _net(lagrangian_inputs=True)
 
 
 def test_bad_input_and_bad_backbone():

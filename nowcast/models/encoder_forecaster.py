@@ -531,6 +531,30 @@ def past_shift_scores(x: Tensor, radius: int, leads: int) -> Tensor:
     return -marginal  # (B, leads, 2k)
 
 
+def _best_shift(cost: Tensor, radius: int) -> Tensor:
+    """The sub-pixel displacement ``(dx, dy)`` of the lowest cost: ``(N, k, k)`` ->
+    ``(N, 2)``, refined by a parabola through the neighbouring costs along each axis (at the
+    edge of the search window it stays on the whole pixel).
+    """
+    k = 2 * radius + 1
+    best = cost.flatten(1).argmin(1)  # (N,)
+    iy, ix = best // k, best % k
+    rows = torch.arange(cost.shape[0], device=cost.device)
+
+    def refine(i: Tensor, along_y: bool) -> Tensor:
+        """Sub-pixel offset of the minimum at index ``i`` along one axis."""
+        lo, hi = (i - 1).clamp(0, k - 1), (i + 1).clamp(0, k - 1)
+        at = (lambda j: cost[rows, j, ix]) if along_y else (lambda j: cost[rows, iy, j])
+        c0, cm, cp = at(i), at(lo), at(hi)
+        inner = (i > 0) & (i < k - 1)  # at the edge of the search window: no parabola
+        curvature = cm - 2 * c0 + cp
+        offset = torch.where(curvature > 1e-9, 0.5 * (cm - cp) / curvature.clamp_min(1e-9),
+                             torch.zeros_like(c0))
+        return i.to(cost.dtype) + torch.where(inner, offset.clamp(-0.5, 0.5), torch.zeros_like(c0))
+
+    return torch.stack((refine(ix, False), refine(iy, True)), dim=1) - radius  # (N, 2): dx, dy
+
+
 def global_velocity(x: Tensor, radius: int, span: int = 1) -> Tensor:
     """The whole frame's velocity over the last ``span`` steps, by global block matching.
 
@@ -542,27 +566,60 @@ def global_velocity(x: Tensor, radius: int, span: int = 1) -> Tensor:
     """
     if not 1 <= span < x.shape[1]:
         raise ValueError(f"span must be in 1..{x.shape[1] - 1} (T - 1), got {span}")
-    k = 2 * radius + 1
     with torch.no_grad():
         # the two frames matched only (x[:, -1 - span] and x[:, -1]): one cost volume, not span
         cost = shift_costs(x[:, -1 - span::span], radius, 1)[:, 0]  # (B, k, k)
-        best = cost.flatten(1).argmin(1)  # (B,)
-        iy, ix = best // k, best % k
-        rows = torch.arange(cost.shape[0], device=x.device)
+        return _best_shift(cost, radius) / span  # (B, 2)
 
-        def refine(i: Tensor, along_y: bool) -> Tensor:
-            """Sub-pixel offset of the minimum at index ``i`` along one axis."""
-            lo, hi = (i - 1).clamp(0, k - 1), (i + 1).clamp(0, k - 1)
-            at = (lambda j: cost[rows, j, ix]) if along_y else (lambda j: cost[rows, iy, j])
-            c0, cm, cp = at(i), at(lo), at(hi)
-            curvature = cm - 2 * c0 + cp
-            offset = torch.where(curvature > 1e-9, 0.5 * (cm - cp) / curvature.clamp_min(1e-9),
-                                 torch.zeros_like(c0))
-            inner = (i > 0) & (i < k - 1)  # at the edge of the search window: no parabola
-            return i.to(cost.dtype) + torch.where(inner, offset.clamp(-0.5, 0.5), torch.zeros_like(c0))
 
-        dy, dx = refine(iy, True) - radius, refine(ix, False) - radius
-    return torch.stack((dx, dy), dim=1) / span  # (B, 2)
+def regional_velocity(x: Tensor, radius: int, span: int, tile: int, stride: int | None = None,
+                      min_wet: float = 0.05) -> Tensor:
+    """A smooth velocity field from block matching on overlapping tiles (TREC, Rinehart 1979).
+
+    The frame is cut into ``tile`` x ``tile`` tiles every ``stride`` pixels (the last row and
+    column of tiles padded with dry pixels); each tile's velocity is
+    :func:`global_velocity` of that tile. A tile with under ``min_wet`` of its pixels wet in
+    the last frame has too little rain to match; its velocity is drawn towards the whole
+    frame's, in proportion. The tile velocities, placed at the tiles' centres, are
+    interpolated bilinearly to every pixel (held constant beyond the outermost centres). A
+    frame no larger than one tile (a training crop, say) gets the whole frame's velocity
+    everywhere, exactly :func:`global_velocity`. Without gradient. ``(B, T, C, H, W)`` -> ``(B, 2, H, W)`` in pixels per step, ``(dx, dy)``.
+    """
+    b, _, _, h, w = x.shape
+    if tile < 2 * radius + 1:
+        raise ValueError(f"tile must be at least the search window 2 * radius + 1 = {2 * radius + 1}, got {tile}")
+    stride = tile // 2 if stride is None else int(stride)
+    if not 1 <= stride <= tile:
+        raise ValueError(f"stride must be in 1..tile ({tile}), got {stride}")
+    if min_wet < 0:
+        raise ValueError(f"min_wet must be >= 0, got {min_wet}")
+    whole = global_velocity(x, radius, span)  # (B, 2)
+    if h <= tile and w <= tile:
+        return whole[:, :, None, None].expand(b, 2, h, w)
+    with torch.no_grad():
+        ny, nx = (-(-max(n - tile, 0) // stride) + 1 for n in (h, w))
+        frames = x[:, -1 - span::span].float().sum(2)  # (B, 2, H, W): the two frames matched
+        frames = F.pad(frames, (0, (nx - 1) * stride + tile - w, 0, (ny - 1) * stride + tile - h))
+        tiles = frames.unfold(2, tile, stride).unfold(3, tile, stride)  # (B, 2, ny, nx, tile, tile)
+        tiles = tiles.permute(0, 2, 3, 1, 4, 5).reshape(b * ny * nx, 2, 1, tile, tile)
+        cost = shift_costs(tiles, radius, 1)[:, 0]  # (B*ny*nx, k, k)
+        local = (_best_shift(cost, radius) / span).view(b, ny, nx, 2)  # (B, ny, nx, 2)
+        wet = (tiles[:, 1] > 0).float().mean((1, 2, 3)).view(b, ny, nx, 1)  # last frame's
+        trust = (wet / min_wet).clamp(max=1.0) if min_wet > 0 else torch.ones_like(wet)
+        field = trust * local + (1 - trust) * whole[:, None, None, :]  # (B, ny, nx, 2)
+        # pixel p lies at tile index (p - (tile - 1) / 2) / stride; grid_sample's [-1, 1] over
+        # the centres with align_corners=True, border beyond them
+        def axis(n_px: int, n_tiles: int) -> Tensor:
+            if n_tiles == 1:
+                return torch.zeros(n_px, device=x.device)
+            idx = (torch.arange(n_px, device=x.device, dtype=torch.float32) - (tile - 1) / 2) / stride
+            return 2 * idx / (n_tiles - 1) - 1
+
+        gy, gx = torch.meshgrid(axis(h, ny), axis(w, nx), indexing="ij")
+        grid = torch.stack((gx, gy), dim=-1).expand(b, h, w, 2)  # (B, H, W, 2): x, y
+        out = F.grid_sample(field.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border",
+                            align_corners=True)  # (B, 2, H, W)
+    return out.to(x.dtype)
 
 
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:

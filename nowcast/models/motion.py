@@ -15,9 +15,9 @@ and ``r`` is added:
 
 The backbone's last layer starts at zero, so the untrained network is persistence and
 training only moves it where the data says so. With ``motion_prior`` every velocity starts
-from the inputs' whole-frame velocity (global block matching, :func:`global_velocity`), so
-the untrained network is a translation of the last frame and the backbone learns what a
-single velocity misses. No pysteps call: the motion is the network's own.
+from the inputs' velocity by block matching (one for the whole frame, or one per tile,
+interpolated), so the untrained network is an extrapolation of the last frame and the
+backbone learns what that motion misses. No pysteps call: the motion is the network's own.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nowcast.models.encoder_forecaster import global_velocity, make_output_activation
+from nowcast.models.encoder_forecaster import global_velocity, make_output_activation, regional_velocity
 from nowcast.models.warp import warp
 
 
@@ -75,6 +75,21 @@ class MotionNowcaster(nn.Module):
         Steps between the two frames matched: the last input and the one ``prior_span``
         steps before it (a longer span resolves slow motion better). ``None``: the first
         input.
+    prior_tile
+        ``None``: one velocity for the whole frame. A size in pixels: block matching on
+        tiles of that size (every ``prior_stride`` pixels, default half a tile), the tile
+        velocities interpolated to a smooth field
+        (:func:`~nowcast.models.encoder_forecaster.regional_velocity`). A frame no larger
+        than a tile (a training crop, say) still gets one velocity; a whole radar domain
+        gets one per region instead of one for a country's composite.
+    prior_stride
+        Pixels between tiles; ``None``: ``prior_tile // 2``.
+    lagrangian_inputs
+        With ``motion_prior``: the backbone reads the inputs moved along the prior's motion
+        to the last input's time (input ``t`` displaced by the prior velocity times its
+        steps before the last), so rain that only moves stands still in what it reads and
+        the ConvLSTM sees what the prior misses: growth, decay and the residual motion
+        (the Lagrangian frame of L-CNN, Ritvanen et al. 2023).
     """
 
     def __init__(
@@ -89,6 +104,9 @@ class MotionNowcaster(nn.Module):
         motion_prior: bool = False,
         prior_radius: int = 48,
         prior_span: int | None = None,
+        prior_tile: int | None = None,
+        prior_stride: int | None = None,
+        lagrangian_inputs: bool = False,
     ) -> None:
         super().__init__()
         if flow_smoothing < 1 or flow_smoothing % 2 == 0:
@@ -120,11 +138,31 @@ class MotionNowcaster(nn.Module):
             )
         if self.motion_prior and self.prior_radius < 1:
             raise ValueError(f"prior_radius must be >= 1, got {prior_radius}")
+        self.prior_tile = None if prior_tile is None else int(prior_tile)
+        self.prior_stride = None if prior_stride is None else int(prior_stride)
+        if self.motion_prior and self.prior_tile is not None:
+            if self.prior_tile < 2 * self.prior_radius + 1:
+                raise ValueError(f"prior_tile must be at least 2 * prior_radius + 1 = "
+                                 f"{2 * self.prior_radius + 1}, got {prior_tile}")
+            if self.prior_stride is not None and not 1 <= self.prior_stride <= self.prior_tile:
+                raise ValueError(f"prior_stride must be in 1..prior_tile ({self.prior_tile}), got {prior_stride}")
+        self.lagrangian_inputs = bool(lagrangian_inputs)
+        if self.lagrangian_inputs and not self.motion_prior:
+            raise ValueError("lagrangian_inputs needs motion_prior: the inputs are moved along its motion")
         head = getattr(net, "head", None)
         if isinstance(head, nn.Conv2d):
             nn.init.normal_(head.weight, std=float(init_std))
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
+
+    def prior_velocity(self, x: Tensor) -> Tensor | None:
+        """The inputs' velocity by block matching, ``(B, 2, H, W)`` or ``(B, 2, 1, 1)`` in
+        pixels per step; ``None`` without ``motion_prior``."""
+        if not self.motion_prior:
+            return None
+        if self.prior_tile is not None:  # the inputs' motion per region
+            return regional_velocity(x, self.prior_radius, self.prior_span, self.prior_tile, self.prior_stride)
+        return global_velocity(x, self.prior_radius, self.prior_span)[:, :, None, None]  # the whole frame's
 
     def motion(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Displacements and intensity changes of every lead.
@@ -134,7 +172,14 @@ class MotionNowcaster(nn.Module):
         ``(displacement, change)``: ``(B, T_out, 2, H, W)`` in pixels (x right, y down),
         cumulative from the last input frame, and ``(B, T_out, 1, H, W)`` in network space.
         """
-        out = self.net(x)  # (B, T_out, 3, H, W)
+        prior = self.prior_velocity(x)  # (B, 2, H|1, W|1) or None
+        seen = x
+        if self.lagrangian_inputs:  # input t moved by the prior over its (T_in - 1 - t) steps
+            b, t_in, c, h, w = x.shape
+            steps = torch.arange(t_in - 1, -1, -1, device=x.device, dtype=prior.dtype)  # (T_in,)
+            along = (prior[:, None] * steps[None, :, None, None, None]).expand(b, t_in, 2, h, w)
+            seen = warp(x.flatten(0, 1), along.flatten(0, 1)[:, None], self.padding_mode).view(b, t_in, c, h, w)
+        out = self.net(seen)  # (B, T_out, 3, H, W)
         if out.dim() != 5 or out.shape[2] != 3:
             raise ValueError(f"the backbone must return (B, T_out, 3, H, W), got {tuple(out.shape)}")
         b, t = out.shape[:2]
@@ -143,8 +188,8 @@ class MotionNowcaster(nn.Module):
             k = self.flow_smoothing
             velocity = F.avg_pool2d(velocity.flatten(0, 1), k, stride=1, padding=k // 2,
                                     count_include_pad=False).unflatten(0, (b, t))  # (B, T_out, 2, H, W)
-        if self.motion_prior:  # the inputs' whole-frame velocity, learned corrections on top
-            velocity = velocity + global_velocity(x, self.prior_radius, self.prior_span)[:, None, :, None, None]
+        if prior is not None:  # learned corrections on top of the inputs' motion
+            velocity = velocity + prior[:, None]  # (B, 1, 2, H|1, W|1)
         displacement = velocity.cumsum(dim=1)  # (B, T_out, 2, H, W): lead k moved by v_1 + ... + v_k
         return displacement, out[:, :, 2:]
 
