@@ -52,7 +52,8 @@ def prior_network(input_steps: int, output_steps: int, **prior) -> MotionNowcast
         raise ValueError(f"a variant sets only {sorted(PRIOR_KEYS)}, got {sorted(bad)}")
     backbone = EncoderForecaster(1, 3, [4], 3, (1, 2, 2), input_steps, output_steps, (128, 128),
                                  patch_size=4, output_activation="identity")
-    args = {"prior_radius": 48, **prior}
+    recipe = OmegaConf.load(ROOT / "configs" / "model" / "net" / "radar_motion.yaml")
+    args = {"prior_radius": recipe.prior_radius, **prior}  # the recipe's search unless set
     return MotionNowcaster(backbone, motion_prior=True, init_std=0.0, **args).eval()
 
 
@@ -107,6 +108,8 @@ def main() -> None:
     periods = dict(DEFAULT_PERIODS)
     for text in args.period:
         name, _, span = text.partition("=")
+        if len(span.split(",")) != 2:
+            raise SystemExit(f"--period {text!r}: expected NAME=START,END, e.g. knmi=2021-02-06T00:00,2021-02-06T23:59")
         periods[name] = span.split(",")
     data, sources = archives(ROOT)
     chosen = args.archive or [s["name"] for s in sources]
