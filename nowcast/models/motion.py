@@ -26,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nowcast.models.encoder_forecaster import global_velocity, make_output_activation, regional_velocity
+from nowcast.models.encoder_forecaster import (
+    global_velocity,
+    make_output_activation,
+    regional_velocity,
+)
 from nowcast.models.warp import warp
 
 
