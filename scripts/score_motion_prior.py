@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nowcast.data.radar import RadarDataModule
@@ -117,7 +118,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown archive(s) {sorted(unknown)}; configs/data/radar_multi.yaml has "
                          f"{[s['name'] for s in sources]}")
-    transform = LogRainRate(**{k: v for k, v in data["transform"].items() if k != "_target_"})
+    transform = instantiate(data["transform"])  # the project's own config
     n_in, n_out = data["input_steps"], data["output_steps"]
     nets = {name: prior_network(n_in, n_out, **spec) for name, spec in variants.items()}
     results = {}

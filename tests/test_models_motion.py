@@ -92,16 +92,22 @@ def test_a_small_random_head_passes_gradient_to_the_convlstm_at_the_first_step()
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == reaches
 
 
-def _blobs(velocity: tuple[float, float], steps: int, size: int = 48) -> torch.Tensor:
-    """Gaussian blobs drifting at ``velocity`` (dx, dy) px per step: ``(1, steps, 1, size, size)``."""
-    g = torch.Generator().manual_seed(3)
-    centres = torch.rand(6, 2, generator=g) * (size - 20) + 10  # (x, y)
+def _blobs(velocity: tuple[float, float], steps: int, size: int = 48, count: int = 6, seed: int = 3,
+           wrap: bool = False) -> torch.Tensor:
+    """``count`` Gaussian blobs drifting at ``velocity`` (dx, dy) px per step:
+    ``(1, steps, 1, size, size)``. ``wrap``: anywhere in the frame, wrapping around at its
+    edges (a dense field with no edge effects); otherwise starting 10 px inside it."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(count, 2, generator=g)  # (x, y)
+    centres = centres * size if wrap else centres * (size - 20) + 10
     ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
     frames = []
     for t in range(steps):
         c = centres + torch.tensor(velocity) * t
-        d2 = (xs[None] - c[:, 0, None, None]) ** 2 + (ys[None] - c[:, 1, None, None]) ** 2
-        frames.append(torch.exp(-d2 / (2 * 3.0**2)).sum(0))
+        dx, dy = xs[None] - c[:, 0, None, None], ys[None] - c[:, 1, None, None]
+        if wrap:
+            dx, dy = (dx + size / 2) % size - size / 2, (dy + size / 2) % size - size / 2
+        frames.append(torch.exp(-(dx**2 + dy**2) / (2 * 3.0**2)).sum(0))
     return torch.stack(frames)[None, :, None]
 
 
@@ -132,25 +138,11 @@ def test_motion_prior_starts_as_the_drift_of_the_inputs():
     assert net.net.head.weight.grad.abs().sum() > 0
 
 
-def _field(velocity: tuple[float, float], steps: int, size: int, blobs: int = 80) -> torch.Tensor:
-    """A dense field of Gaussian blobs drifting at ``velocity`` (dx, dy) px per step, wrapping
-    around: ``(1, steps, 1, size, size)``."""
-    g = torch.Generator().manual_seed(5)
-    centres = torch.rand(blobs, 2, generator=g) * size  # (x, y)
-    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
-    frames = []
-    for t in range(steps):
-        c = centres + torch.tensor(velocity) * t
-        dx = (xs[None] - c[:, 0, None, None] + size / 2) % size - size / 2
-        dy = (ys[None] - c[:, 1, None, None] + size / 2) % size - size / 2
-        frames.append(torch.exp(-(dx**2 + dy**2) / (2 * 3.0**2)).sum(0))
-    return torch.stack(frames)[None, :, None]
-
-
 def _two_regions(steps: int = 4) -> torch.Tensor:
     """Blobs that drift right (3 px per step) in the left half of a 96 x 160 frame and up
     (2 px per step) in the right half: ``(1, steps, 1, 96, 160)``."""
-    left, right = _field((3.0, 0.0), steps, 160), _field((0.0, -2.0), steps, 160)
+    left = _blobs((3.0, 0.0), steps, 160, count=80, seed=5, wrap=True)
+    right = _blobs((0.0, -2.0), steps, 160, count=80, seed=5, wrap=True)
     return torch.cat((left[..., 32:128, :80], right[..., 32:128, 80:]), dim=-1)
 
 

@@ -577,13 +577,14 @@ def regional_velocity(x: Tensor, radius: int, span: int, tile: int, stride: int 
     """A smooth velocity field from block matching on overlapping tiles (TREC, Rinehart 1979).
 
     The frame is cut into ``tile`` x ``tile`` tiles every ``stride`` pixels (the last row and
-    column of tiles padded with dry pixels); each tile's velocity is
-    :func:`global_velocity` of that tile. A tile with under ``min_wet`` of its pixels wet in
+    column of tiles padded with dry pixels); each tile's velocity is found as
+    :func:`global_velocity` finds the frame's (the same costs and sub-pixel minimum). A tile with under ``min_wet`` of its pixels wet in
     the last frame has too little rain to match; its velocity is drawn towards the whole
     frame's, in proportion. The tile velocities, placed at the tiles' centres, are
     interpolated bilinearly to every pixel (held constant beyond the outermost centres). A
     frame no larger than one tile (a training crop, say) gets the whole frame's velocity
-    everywhere, exactly :func:`global_velocity`. Without gradient. ``(B, T, C, H, W)`` -> ``(B, 2, H, W)`` in pixels per step, ``(dx, dy)``.
+    everywhere, exactly :func:`global_velocity`. Without gradient.
+    ``(B, T, C, H, W)`` -> ``(B, 2, H, W)`` in pixels per step, ``(dx, dy)``.
     """
     b, _, _, h, w = x.shape
     if tile < 2 * radius + 1:
