@@ -115,11 +115,12 @@ def test_torch_export_with_dynamic_frame_size_is_refused_before_tracing(tmp_path
     assert not (tmp_path / "x.pt2").exists()
 
 
-def _assert_onnx_runtime_matches(net: torch.nn.Module, path: Path) -> None:
-    """Export ``net`` on a (2, 4, 1, 32, 32) input; ONNX Runtime gives its forecast to 1e-5."""
+def _assert_onnx_runtime_matches(net: torch.nn.Module, path: Path, x: torch.Tensor | None = None) -> None:
+    """Export ``net`` on ``x`` (default: uniform noise, (2, 4, 1, 32, 32)); ONNX Runtime gives
+    its forecast to 1e-5."""
     import onnxruntime as ort
 
-    x = torch.rand(2, 4, 1, 32, 32)
+    x = torch.rand(2, 4, 1, 32, 32) if x is None else x
     torch.onnx.export(net, (x,), dynamo=True).save(str(path))
     session = ort.InferenceSession(str(path))
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -161,3 +162,23 @@ def test_motion_nowcaster_with_a_velocity_per_tile_exports_to_onnx(tmp_path):
                                  output_activation="identity")
     net = MotionNowcaster(backbone, motion_prior=True, prior_radius=6, prior_tile=16, init_std=0.01).eval()
     _assert_onnx_runtime_matches(net, tmp_path / "motion_tiles.onnx")
+
+
+def test_motion_nowcaster_with_a_refined_prior_and_trajectories_exports_to_onnx(tmp_path):
+    """With ``prior_refine`` (Lucas-Kanade corrections on a pyramid) and
+    ``prior_trajectory`` (velocity sampled along the trajectory), the export still matches
+    ONNX Runtime."""
+    from nowcast.models import EncoderForecaster, MotionNowcaster
+
+    torch.manual_seed(0)
+    backbone = EncoderForecaster(1, 3, [4, 4], 3, (1, 2, 2), 4, 3, (32, 32), patch_size=4,
+                                 output_activation="identity")
+    net = MotionNowcaster(backbone, motion_prior=True, prior_radius=6, prior_tile=16, prior_refine=4.0,
+                          prior_trajectory=True, init_std=0.01).eval()
+    # drifting showers: the least-squares solve of pixel noise is ill-conditioned, so tiny
+    # float differences between the runtimes would grow there
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    centres = torch.rand(2, 5, 2) * 24 + 4  # (B, showers, (x, y))
+    frames = [torch.exp(-((xs - centres[..., 0, None, None] - 1.5 * t) ** 2
+                          + (ys - centres[..., 1, None, None] + 0.5 * t) ** 2) / 8.0).sum(1) for t in range(4)]
+    _assert_onnx_runtime_matches(net, tmp_path / "motion_refined.onnx", torch.stack(frames, 1)[:, :, None])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nowcast.models import EncoderForecaster, MotionNowcaster
-from nowcast.models.encoder_forecaster import global_velocity, regional_velocity
-from nowcast.models.warp import warp
+from nowcast.models.encoder_forecaster import global_velocity, refine_velocity, regional_velocity
+from nowcast.models.warp import trajectory, warp
 
 
 def _net(**kwargs) -> MotionNowcaster:
@@ -184,6 +184,74 @@ def test_regional_prior_forecasts_two_motions_that_one_velocity_cannot():
     assert regional_mse < 0.2 * whole_mse
     with pytest.raises(ValueError, match="prior_tile must be at least"):
         _net(motion_prior=True, prior_radius=8, prior_tile=10)
+
+
+def test_refined_velocity_follows_two_motions_within_one_block_match():
+    """Lucas-Kanade refinement of the whole frame's single velocity finds each half's own
+    motion, and keeps the start where there is nothing to match."""
+    x = _two_regions()
+    start = global_velocity(x, radius=12, span=3)[:, :, None, None]  # (1, 2, 1, 1)
+    v = refine_velocity(x, start, window=8.0)
+    assert v.shape == (1, 2, 96, 160)
+    start_error = 0.0
+    for col, truth in ((40, (3.0, 0.0)), (120, (0.0, -2.0))):  # each half's centre
+        region = v[0, :, 24:72, col - 12:col + 12].mean((-2, -1))
+        # within 0.3 px per step: rain entering at the edges during the inputs biases it
+        torch.testing.assert_close(region, torch.tensor(truth), atol=0.3, rtol=0)
+        start_error = max(start_error, (start[0, :, 0, 0] - torch.tensor(truth)).abs().max().item())
+    assert start_error > 1.0  # one velocity was wrong in one half at least
+    dry = x.clone()
+    dry[..., 80:] = 0.0
+    v = refine_velocity(dry, start, window=8.0)
+    torch.testing.assert_close(v[0, :, :, 130:], start[0].expand(2, 96, 30), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="window, iterations and regularisation must be > 0"):
+        refine_velocity(x, start, window=0.0)
+    with pytest.raises(ValueError, match=r"velocity must be \(B, 2, H\|1, W\|1\) with B=1"):
+        refine_velocity(x, start[0], window=6.0)
+
+
+def test_trajectories_follow_a_rotating_flow_and_equal_straight_lines_in_a_uniform_one():
+    uniform = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1).expand(1, 2, 16, 16)
+    d = trajectory(uniform, 4)
+    assert d.shape == (1, 4, 2, 16, 16)
+    k = torch.arange(1.0, 5.0).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(d, uniform[:, None] * k)
+    # solid rotation about the centre, 0.1 rad per step: the origin of what arrives at p
+    # lies on p's circle; a straight line k v(p) leaves it
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    ry, rx = ys - 31.5, xs - 31.5
+    omega = 0.1
+    rotation = torch.stack((-omega * ry, omega * rx))[None]  # (1, 2, 64, 64): dx, dy
+    radius = (rx**2 + ry**2).sqrt()
+    inner = (radius >= 8) & (radius <= 20)
+    radius = radius[inner]
+
+    def radius_error(displacement):
+        ox, oy = rx - displacement[0, -1, 0], ry - displacement[0, -1, 1]
+        return ((ox**2 + oy**2).sqrt()[inner] - radius).abs().mean()
+
+    steps = torch.arange(1.0, 7.0).view(1, 6, 1, 1, 1)
+    assert radius_error(trajectory(rotation, 6)) < 0.25 * radius_error(rotation[:, None] * steps)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        trajectory(rotation, 0)
+
+
+def test_refined_prior_forecasts_two_motions_in_one_crop():
+    """On a frame no larger than one tile, block matching gives one velocity; the refined
+    prior forecasts both halves' motions, at under 0.2x that MSE."""
+    seq = _two_regions(steps=5)
+    x, y = seq[:, :3], seq[:, 3:]
+    backbone = EncoderForecaster(1, 3, [4, 4], 3, (1, 2, 2), 3, 2, (96, 160), patch_size=2,
+                                 output_activation="identity")
+    refined = MotionNowcaster(backbone, motion_prior=True, prior_radius=12, prior_refine=6.0,
+                              prior_trajectory=True)
+    whole = MotionNowcaster(backbone, motion_prior=True, prior_radius=12)
+    inner = (..., slice(16, -16), slice(16, -16))
+    assert ((refined(x) - y)[inner] ** 2).mean() < 0.2 * ((whole(x) - y)[inner] ** 2).mean()
+    with pytest.raises(ValueError, match="prior_refine and prior_trajectory need motion_prior"):
+        _net(prior_trajectory=True)
+    with pytest.raises(ValueError, match="prior_refine must be a window > 0 px"):
+        _net(motion_prior=True, prior_refine=0.0)
 
 
 def test_lagrangian_inputs_hold_moving_rain_still_for_the_backbone():

@@ -623,6 +623,92 @@ def regional_velocity(x: Tensor, radius: int, span: int, tile: int, stride: int 
     return out.to(x.dtype)
 
 
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``(N, C, H, W)`` with the edges repeated (kernel to 3 sigma)."""
+    if sigma <= 0:
+        return x
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    n, c, h, w = x.shape
+    y = F.pad(x.reshape(n * c, 1, h, w), (r, r, r, r), mode="replicate")
+    y = F.conv2d(F.conv2d(y, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    return y.view(n, c, h, w)
+
+
+def _gradient(f: Tensor) -> tuple[Tensor, Tensor]:
+    """Central differences ``(d/dx, d/dy)`` of ``(N, 1, H, W)``, one-sided at the edges."""
+    gx = F.pad(f, (1, 1, 0, 0), mode="replicate")
+    gy = F.pad(f, (0, 0, 1, 1), mode="replicate")
+    return 0.5 * (gx[..., 2:] - gx[..., :-2]), 0.5 * (gy[..., 2:, :] - gy[..., :-2, :])
+
+
+def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int = 2,
+                    levels: Sequence[int] = (2, 1), regularisation: float = 0.01,
+                    presmooth: float = 1.0) -> Tensor:
+    """A dense velocity field: ``velocity`` refined by Lucas-Kanade in Gaussian windows.
+
+    Block matching (:func:`global_velocity`, :func:`regional_velocity`) finds large
+    displacements robustly but gives one velocity per frame or tile. Starting from it, each
+    pixel's velocity is corrected by least squares on the linearised matching error of
+    every input against the last one (Lucas and Kanade 1981, in the dense form of Bruhn et
+    al. 2005): with input ``t`` moved by ``s = T - 1 - t`` steps of the current velocity,
+    ``W_s(p) = x_t(p - s v(p))``, the correction ``dv`` minimises
+    ``sum_s G_sigma * (s grad . dv - (W_s - x_last))^2`` in a Gaussian window of standard
+    deviation ``window`` px around each pixel, ``grad`` the mean gradient of ``W_s`` and
+    the last frame. A term ``regularisation`` x (the frame's mean gradient energy) x
+    ``|dv|^2`` keeps the start where the window holds no edge (dry ground, uniform rain).
+    Coarse to fine over ``levels`` (frames averaged over ``L x L`` pixels, the window
+    ``window / L``), ``iterations`` corrections on each. The windowed sums are taken on a
+    grid about a quarter of the window apart and interpolated back (bilinear). Without
+    gradient. ``(B, T, C, H, W)`` (channels summed) and ``(B, 2, H|1, W|1)`` in px per step
+    -> ``(B, 2, H, W)`` in px per step, ``(dx, dy)``.
+    """
+    b, t, _, h, w = x.shape
+    if t < 2:
+        raise ValueError(f"refining a velocity needs at least 2 inputs, got {t}")
+    if window <= 0 or iterations < 1 or regularisation <= 0:
+        raise ValueError(f"window, iterations and regularisation must be > 0, got {window}, {iterations}, "
+                         f"{regularisation}")
+    if velocity.dim() != 4 or velocity.shape[:2] != (b, 2):
+        raise ValueError(f"velocity must be (B, 2, H|1, W|1) with B={b}, got {tuple(velocity.shape)}")
+    with torch.no_grad():
+        frames = x.float().sum(2)  # (B, T, H, W)
+        v = velocity.float().expand(b, 2, h, w)
+        for level in levels:
+            f = frames if level == 1 else F.avg_pool2d(frames, level, ceil_mode=True)
+            f = _gaussian_blur(f, presmooth)  # (B, T, h_l, w_l)
+            size = tuple(f.shape[-2:])
+            vl = v if level == 1 else F.interpolate(v, size=size, mode="bilinear", align_corners=False) / level
+            last = f[:, -1:]
+            last_x, last_y = _gradient(last)
+            sigma = window / level
+            pool = max(1, int(sigma // 4))  # windowed sums on a grid ~sigma / 4 apart
+            for _ in range(iterations):
+                terms = []
+                for s in range(1, t):
+                    moved = warp(f[:, t - 1 - s:t - s], (s * vl)[:, None], "border")[:, 0]  # (B, 1, h_l, w_l)
+                    gx, gy = _gradient(moved)
+                    gx, gy = 0.5 * (gx + last_x), 0.5 * (gy + last_y)
+                    e = moved - last
+                    terms.append(torch.cat((s * s * gx * gx, s * s * gx * gy, s * s * gy * gy,
+                                            s * gx * e, s * gy * e), dim=1))  # (B, 5, h_l, w_l)
+                sums = torch.stack(terms).sum(0)
+                if pool > 1:
+                    sums = F.avg_pool2d(sums, pool, ceil_mode=True)
+                axx, axy, ayy, bx, by = _gaussian_blur(sums, sigma / pool).unbind(1)  # (B, h', w') each
+                damp = regularisation * (axx + ayy).mean((-2, -1), keepdim=True) + 1e-9
+                axx, ayy = axx + damp, ayy + damp
+                det = axx * ayy - axy * axy
+                step = torch.stack(((ayy * bx - axy * by) / det, (axx * by - axy * bx) / det), dim=1)
+                if pool > 1:
+                    step = F.interpolate(step, size=size, mode="bilinear", align_corners=False)
+                vl = vl + step
+            v = vl if level == 1 else F.interpolate(vl * level, size=(h, w), mode="bilinear", align_corners=False)
+    return v.to(x.dtype)
+
+
 def _upsample(y: Tensor, factor: Sequence[int]) -> Tensor:
     """Nearest-neighbour upsampling of ``(B, T, C, H, W)`` by ``(t, h, w)``."""
     if tuple(factor) == (1, 1, 1):

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from nowcast.models.encoder_forecaster import (
     global_velocity,
     make_output_activation,
+    refine_velocity,
     regional_velocity,
 )
-from nowcast.models.warp import warp
+from nowcast.models.warp import trajectory, warp
 
 
 class MotionNowcaster(nn.Module):
@@ -88,6 +89,18 @@ class MotionNowcaster(nn.Module):
         gets one per region instead of one for a country's composite.
     prior_stride
         Pixels between tiles; ``None``: ``prior_tile // 2``.
+    prior_refine
+        ``None``: the block-matching velocity as it is. A window size (px, the standard
+        deviation of a Gaussian): that velocity refined pixel by pixel by Lucas-Kanade
+        over all inputs (:func:`~nowcast.models.encoder_forecaster.refine_velocity`), so
+        showers within a tile (or a crop) that move differently each get their own
+        motion. Applies to crops too.
+    prior_refine_iterations
+        Lucas-Kanade corrections per pyramid level.
+    prior_trajectory
+        Move the last frame along the prior's backward trajectories (the velocity sampled
+        where each trajectory has got to, :func:`~nowcast.models.warp.trajectory`, the
+        semi-Lagrangian scheme), not along straight lines. Equal for a uniform prior.
     lagrangian_inputs
         With ``motion_prior``: the backbone reads the inputs moved along the prior's motion
         to the last input's time (input ``t`` displaced by the prior velocity times its
@@ -110,6 +123,9 @@ class MotionNowcaster(nn.Module):
         prior_span: int | None = None,
         prior_tile: int | None = None,
         prior_stride: int | None = None,
+        prior_refine: float | None = None,
+        prior_refine_iterations: int = 2,
+        prior_trajectory: bool = False,
         lagrangian_inputs: bool = False,
     ) -> None:
         super().__init__()
@@ -150,6 +166,14 @@ class MotionNowcaster(nn.Module):
                                  f"{2 * self.prior_radius + 1}, got {prior_tile}")
             if self.prior_stride is not None and not 1 <= self.prior_stride <= self.prior_tile:
                 raise ValueError(f"prior_stride must be in 1..prior_tile ({self.prior_tile}), got {prior_stride}")
+        self.prior_refine = None if prior_refine is None else float(prior_refine)
+        self.prior_refine_iterations = int(prior_refine_iterations)
+        if self.prior_refine is not None and (self.prior_refine <= 0 or self.prior_refine_iterations < 1):
+            raise ValueError(f"prior_refine must be a window > 0 px and prior_refine_iterations >= 1, got "
+                             f"{prior_refine} and {prior_refine_iterations}")
+        self.prior_trajectory = bool(prior_trajectory)
+        if not self.motion_prior and (self.prior_refine is not None or self.prior_trajectory):
+            raise ValueError("prior_refine and prior_trajectory need motion_prior: they change its motion")
         self.lagrangian_inputs = bool(lagrangian_inputs)
         if self.lagrangian_inputs and not self.motion_prior:
             raise ValueError("lagrangian_inputs needs motion_prior: the inputs are moved along its motion")
@@ -165,8 +189,21 @@ class MotionNowcaster(nn.Module):
         if not self.motion_prior:
             return None
         if self.prior_tile is not None:  # the inputs' motion per region
-            return regional_velocity(x, self.prior_radius, self.prior_span, self.prior_tile, self.prior_stride)
-        return global_velocity(x, self.prior_radius, self.prior_span)[:, :, None, None]  # the whole frame's
+            v = regional_velocity(x, self.prior_radius, self.prior_span, self.prior_tile, self.prior_stride)
+        else:
+            v = global_velocity(x, self.prior_radius, self.prior_span)[:, :, None, None]  # the whole frame's
+        if self.prior_refine is not None:  # per pixel
+            v = refine_velocity(x, v, self.prior_refine, self.prior_refine_iterations)
+        return v
+
+    def prior_displacement(self, prior: Tensor, steps: int) -> Tensor:
+        """``(B, 2, H|1, W|1)`` prior velocity -> ``(B, steps, 2, H|1, W|1)`` displacement of
+        leads ``1..steps``: along its trajectories with ``prior_trajectory`` (a field that
+        varies), else ``k`` times the velocity."""
+        if self.prior_trajectory and prior.shape[-2:] != (1, 1):
+            return trajectory(prior, steps, self.padding_mode)
+        k = torch.arange(1, steps + 1, device=prior.device, dtype=prior.dtype)
+        return prior[:, None] * k[None, :, None, None, None]
 
     def motion(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Displacements and intensity changes of every lead.
@@ -192,9 +229,9 @@ class MotionNowcaster(nn.Module):
             k = self.flow_smoothing
             velocity = F.avg_pool2d(velocity.flatten(0, 1), k, stride=1, padding=k // 2,
                                     count_include_pad=False).unflatten(0, (b, t))  # (B, T_out, 2, H, W)
-        if prior is not None:  # learned corrections on top of the inputs' motion
-            velocity = velocity + prior[:, None]  # (B, 1, 2, H|1, W|1)
         displacement = velocity.cumsum(dim=1)  # (B, T_out, 2, H, W): lead k moved by v_1 + ... + v_k
+        if prior is not None:  # learned corrections on top of the inputs' motion
+            displacement = displacement + self.prior_displacement(prior, t)
         return displacement, out[:, :, 2:]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -54,6 +54,39 @@ def warp(frame: Tensor, displacement: Tensor, padding_mode: str = "zeros") -> Te
     return out.unflatten(0, (b, t))  # (B, T, C, H, W)
 
 
+def trajectory(velocity: Tensor, steps: int, padding_mode: str = "border") -> Tensor:
+    """Displacements along the backward trajectories of a steady velocity field.
+
+    The semi-Lagrangian scheme of extrapolation nowcasts (Germann and Zawadzki 2002): what
+    arrives at ``p`` after ``k`` steps left from ``p - d_k(p)``, with ``d_1 = v(p)`` and
+    ``d_k = d_{k-1} + v(p - d_{k-1})`` (the velocity sampled where the trajectory has got
+    to, bilinear), so rain follows a curved or converging flow instead of the straight
+    line ``k v(p)``. A uniform field gives ``k v``.
+
+    Parameters
+    ----------
+    velocity
+        ``(B, 2, H, W)`` in pixels per step, ``(dx, dy)``.
+    steps
+        Number of steps.
+
+    Returns
+    -------
+    Tensor
+        ``(B, steps, 2, H, W)``, for :func:`warp`.
+    """
+    if velocity.dim() != 4 or velocity.shape[1] != 2:
+        raise ValueError(f"expected velocity (B, 2, H, W), got {tuple(velocity.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    d = velocity
+    out = [d]
+    for _ in range(steps - 1):
+        d = d + warp(velocity, d[:, None], padding_mode)[:, 0]  # (B, 2, H, W)
+        out.append(d)
+    return torch.stack(out, dim=1)  # (B, steps, 2, H, W)
+
+
 def advect(frame: Tensor, weights: Tensor, block: int = 1) -> Tensor:
     """One step of dynamic neural advection (Finn et al. 2016, "DNA"): each output pixel is
     a weighted sum of the input pixels in a ``k x k`` window around it.
