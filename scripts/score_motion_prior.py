@@ -14,7 +14,9 @@ whole domain. Prints CSI at 1 mm/h and MAE (mm/h) per lead for every setting::
         --variant 't256_span2={"prior_tile": 256, "prior_span": 2}'
 
 A variant is ``NAME=JSON`` of ``MotionNowcaster`` prior arguments (``prior_radius``,
-``prior_span``, ``prior_tile``, ``prior_stride``).
+``prior_span``, ``prior_tile``, ``prior_stride``, ``prior_refine``,
+``prior_refine_iterations``, ``prior_trajectory``). ``--optical-flow`` scores pysteps'
+optical-flow extrapolation (the evaluation baseline) on the same windows, for reference.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from nowcast.baselines import get_baseline
 from nowcast.data.radar import RadarDataModule
 from nowcast.data.transforms import LogRainRate
 from nowcast.lit_module import compute_scores, update_scores
@@ -43,7 +47,8 @@ DEFAULT_PERIODS = {
     "fmi": ["2016-09-28T00:00", "2016-09-28T23:59"],
     "rmi": ["2021-07-04T00:00", "2021-07-04T23:59"],
 }
-PRIOR_KEYS = {"prior_radius", "prior_span", "prior_tile", "prior_stride"}
+PRIOR_KEYS = {"prior_radius", "prior_span", "prior_tile", "prior_stride", "prior_refine",
+              "prior_refine_iterations", "prior_trajectory"}
 
 
 def prior_network(input_steps: int, output_steps: int, **prior) -> MotionNowcaster:
@@ -72,20 +77,29 @@ def archives(root: Path) -> tuple[dict, list[dict]]:
 
 
 def score(datamodule: RadarDataModule, transform: LogRainRate, nets: dict[str, MotionNowcaster],
-          num_leads: int) -> tuple[int, dict[str, dict[str, float]]]:
-    """Windows scored and ``{variant: {score: value}}`` over the datamodule's test windows."""
+          num_leads: int, baselines: dict[str, Callable] | None = None
+          ) -> tuple[int, dict[str, dict[str, float]], dict[str, float]]:
+    """Windows scored, ``{variant: {score: value}}`` over the datamodule's test windows and
+    each variant's seconds per window; ``baselines`` (physical units in and out) are scored
+    alongside."""
+    forecasters = {name: (lambda x, n, net=net: transform.decode(net(x))) for name, net in nets.items()}
+    forecasters |= {name: (lambda x, n, f=f: f(transform.decode(x), n)) for name, f in (baselines or {}).items()}
     scores = {name: torch.nn.ModuleDict({"continuous": ContinuousScores(num_leads),
                                          "categorical": CategoricalScores([0.5, 1.0, 5.0], num_leads)})
-              for name in nets}
+              for name in forecasters}
+    seconds = dict.fromkeys(forecasters, 0.0)
     windows = 0
     with torch.no_grad():
         for batch in datamodule.test_dataloader():
             target = transform.decode(batch["targets"].float())
             windows += target.shape[0]
-            for name, net in nets.items():
-                update_scores(scores[name], transform.decode(net(batch["inputs"].float())), target,
-                              batch.get("mask"))
-    return windows, {name: compute_scores(s, "", None) for name, s in scores.items()}
+            for name, forecast in forecasters.items():
+                start = time.perf_counter()
+                out = forecast(batch["inputs"].float(), num_leads)
+                seconds[name] += time.perf_counter() - start
+                update_scores(scores[name], out, target, batch.get("mask"))
+    return (windows, {name: compute_scores(s, "", None) for name, s in scores.items()},
+            {name: t / max(windows, 1) for name, t in seconds.items()})
 
 
 def main() -> None:
@@ -96,6 +110,8 @@ def main() -> None:
     parser.add_argument("--period", action="append", default=[], metavar="NAME=START,END",
                         help="score an archive on another period than the default")
     parser.add_argument("--window-stride", type=int, default=2)
+    parser.add_argument("--optical-flow", action="store_true",
+                        help="also score pysteps' optical-flow extrapolation (needs the pysteps extra)")
     parser.add_argument("--out", type=Path, help="write every score as JSON here")
     args = parser.parse_args()
 
@@ -121,7 +137,8 @@ def main() -> None:
     transform = instantiate(data["transform"])  # the project's own config
     n_in, n_out = data["input_steps"], data["output_steps"]
     nets = {name: prior_network(n_in, n_out, **spec) for name, spec in variants.items()}
-    results = {}
+    baselines = {"optical_flow": get_baseline("optical_flow")} if args.optical_flow else {}
+    results, seconds = {}, {}
     for source in sources:
         name = source.pop("name")
         if name not in chosen:
@@ -134,15 +151,16 @@ def main() -> None:
                              output_steps=n_out, test_period=periods[name], test_window_stride=args.window_stride,
                              pad_multiple=data["pad_multiple"], batch_size=4)
         dm.setup("test")
-        windows, results[name] = score(dm, transform, nets, n_out)
+        windows, results[name], seconds[name] = score(dm, transform, nets, n_out, baselines)
         print(f"== {name} {periods[name][0]}..{periods[name][1]}: {windows} windows, "
-              f"{time.perf_counter() - start:.0f} s")
+              f"{time.perf_counter() - start:.0f} s (s per window after each name)")
         for variant, flat in results[name].items():
             csi = " / ".join(f"{flat[f'/csi_1mmh/lead{k:02d}']:.3f}" for k in range(1, n_out + 1))
             mae = " / ".join(f"{flat[f'/mae/lead{k:02d}']:.4f}" for k in range(1, n_out + 1))
-            print(f"{variant:14s} CSI@1 {csi} | MAE {mae}")
+            print(f"{variant:14s} {seconds[name][variant]:5.2f} CSI@1 {csi} | MAE {mae}")
     if args.out:
-        args.out.write_text(json.dumps({"variants": variants, "periods": periods, "scores": results}, indent=1))
+        args.out.write_text(json.dumps({"variants": variants, "periods": periods, "scores": results,
+                                        "seconds_per_window": seconds}, indent=1))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ def test_archives_are_the_experiments_and_the_network_is_its_prior_alone():
 
 @pytest.mark.shared_data
 def test_scores_the_prior_on_real_bom_frames():
-    """BoM's 256 km domain is one 256 px tile: the tiled prior is the whole-frame one."""
+    """BoM's 256 km domain is one 256 px tile: the tiled prior is the whole-frame one; the
+    refined prior differs, and optical flow is scored on the same windows."""
     pytest.importorskip("pysteps")
     script = _script()
     data, sources = script.archives(ROOT)
@@ -50,9 +51,15 @@ def test_scores_the_prior_on_real_bom_frames():
                          input_steps=4, output_steps=6, test_period=["2020-10-31T06:00", "2020-10-31T07:40"],
                          pad_multiple=16, batch_size=2)
     dm.setup("test")
-    nets = {"whole": script.prior_network(4, 6), "t256": script.prior_network(4, 6, prior_tile=256)}
-    windows, scores = script.score(dm, transform, nets, 6)
+    nets = {"whole": script.prior_network(4, 6), "t256": script.prior_network(4, 6, prior_tile=256),
+            "refined": script.prior_network(4, 6, prior_refine=32, prior_trajectory=True)}
+    from nowcast.baselines import get_baseline
+
+    windows, scores, seconds = script.score(dm, transform, nets, 6, {"optical_flow": get_baseline("optical_flow")})
     assert windows >= 1
     assert scores["whole"] == scores["t256"]
+    assert scores["refined"] != scores["whole"]
+    assert set(seconds) == {"whole", "t256", "refined", "optical_flow"} and min(seconds.values()) > 0
+    assert 0.0 < scores["optical_flow"]["/csi_1mmh/lead01"] <= 1.0
     assert 0.0 < scores["whole"]["/csi_1mmh/lead01"] <= 1.0
     assert torch.isfinite(torch.tensor(scores["whole"]["/mae/lead06"]))
