@@ -16,7 +16,8 @@ and ``r`` is added:
 The backbone's last layer starts at zero, so the untrained network is persistence and
 training only moves it where the data says so. With ``motion_prior`` every velocity starts
 from the inputs' velocity by block matching (one for the whole frame, or one per tile,
-interpolated), so the untrained network is an extrapolation of the last frame and the
+interpolated; optionally refined per pixel by Lucas-Kanade and followed along its
+trajectories), so the untrained network is an extrapolation of the last frame and the
 backbone learns what that motion misses. No pysteps call: the motion is the network's own.
 """
 
