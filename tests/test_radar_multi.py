@@ -32,8 +32,8 @@ def test_experiment_composes_into_the_motion_network(tmp_path):
     assert model.net.net.out_channels == 3 and model.net.output_steps == 6
     # the flow starts from the inputs' whole-frame velocity; 16 px a step over 3 steps fit the search
     assert model.net.motion_prior and model.net.prior_radius >= model.net.max_speed * model.net.prior_span
-    # a velocity per tile on whole domains; a training crop is one tile, i.e. one velocity
-    assert model.net.prior_tile >= max(cfg.data.crop_size)
+    # refined per pixel and followed along its trajectories, on crops and whole domains
+    assert model.net.prior_refine is not None and model.net.prior_trajectory
     assert model.scheduler_factory is None  # max_time decides, not an epoch count
 
 
