@@ -200,6 +200,8 @@ def test_refined_velocity_follows_two_motions_within_one_block_match():
         torch.testing.assert_close(region, torch.tensor(truth), atol=0.3, rtol=0)
         start_error = max(start_error, (start[0, :, 0, 0] - torch.tensor(truth)).abs().max().item())
     assert start_error > 1.0  # one velocity was wrong in one half at least
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16-mixed run computes it in float32
+        torch.testing.assert_close(refine_velocity(x, start, window=8.0), v)
     dry = x.clone()
     dry[..., 80:] = 0.0
     v = refine_velocity(dry, start, window=8.0)

@@ -673,7 +673,9 @@ def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int 
                          f"{regularisation}")
     if velocity.dim() != 4 or velocity.shape[:2] != (b, 2):
         raise ValueError(f"velocity must be (B, 2, H|1, W|1) with B={b}, got {tuple(velocity.shape)}")
-    with torch.no_grad():
+    # float32 throughout: under bf16 autocast the windowed sums and the 2x2 solve would
+    # keep 8 bits of mantissa
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         frames = x.float().sum(2)  # (B, T, H, W)
         v = velocity.float().expand(b, 2, h, w)
         for level in levels:
