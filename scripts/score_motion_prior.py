@@ -15,7 +15,7 @@ whole domain. Prints CSI at 1 mm/h and MAE (mm/h) per lead for every setting::
 
 A variant is ``NAME=JSON`` of ``MotionNowcaster`` prior arguments (``prior_radius``,
 ``prior_span``, ``prior_tile``, ``prior_stride``, ``prior_refine``,
-``prior_refine_iterations``, ``prior_trajectory``). ``--optical-flow`` scores pysteps'
+``prior_refine_iterations``, ``prior_refine_weighting``, ``prior_trajectory``). ``--optical-flow`` scores pysteps'
 optical-flow extrapolation (the evaluation baseline) on the same windows, for reference.
 """
 
@@ -48,7 +48,7 @@ DEFAULT_PERIODS = {
     "rmi": ["2021-07-04T00:00", "2021-07-04T23:59"],
 }
 PRIOR_KEYS = {"prior_radius", "prior_span", "prior_tile", "prior_stride", "prior_refine",
-              "prior_refine_iterations", "prior_trajectory"}
+              "prior_refine_iterations", "prior_refine_weighting", "prior_trajectory"}
 
 
 def prior_network(input_steps: int, output_steps: int, **prior) -> MotionNowcaster:

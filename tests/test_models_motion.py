@@ -212,6 +212,26 @@ def test_refined_velocity_follows_two_motions_within_one_block_match():
         refine_velocity(x, start[0], window=6.0)
 
 
+def test_velocity_weighting_counts_every_input_the_same_and_follows_a_speed_up():
+    """Blobs that moved 1 px per step and then 2 px in the last step: each input's own
+    velocity over its span is 2, 1.5 and 4/3. Weighting by velocity gives about their mean
+    (1.61); weighting by intensity error leans towards the oldest input's (about 1.43)."""
+    positions = (0.0, 1.0, 2.0, 4.0)  # x of the blobs at each input
+    base = _blobs((1.0, 0.0), 1, size=64, count=8, wrap=True)[:, 0]  # (1, 1, 64, 64)
+    shifts = [torch.tensor([p, 0.0]).view(1, 1, 2, 1, 1).expand(1, 1, 2, 64, 64) for p in positions]
+    x = torch.stack([warp(base, d, "border")[:, 0] for d in shifts], dim=1)  # (1, 4, 1, 64, 64)
+    start = torch.tensor([1.5, 0.0]).view(1, 2, 1, 1)
+    inner = (0, 0, slice(16, -16), slice(16, -16))
+    by_velocity = refine_velocity(x, start, window=12.0, iterations=4, weighting="velocity")[inner].mean()
+    by_intensity = refine_velocity(x, start, window=12.0, iterations=4, weighting="intensity")[inner].mean()
+    assert abs(by_velocity - (2 + 1.5 + 4 / 3) / 3) < 0.08
+    assert abs(by_intensity - (2 + 1.5 * 4 + 4 / 3 * 9) / 14) < 0.08
+    with pytest.raises(ValueError, match="weighting must be 'intensity' or 'velocity'"):
+        refine_velocity(x, start, window=12.0, weighting="recent")
+    with pytest.raises(ValueError, match="prior_refine_weighting must be"):
+        _net(motion_prior=True, prior_refine=8.0, prior_refine_weighting="recent")
+
+
 def test_trajectories_follow_a_rotating_flow_and_equal_straight_lines_in_a_uniform_one():
     uniform = torch.tensor([1.5, -0.5]).view(1, 2, 1, 1).expand(1, 2, 16, 16)
     d = trajectory(uniform, 4)

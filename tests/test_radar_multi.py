@@ -34,6 +34,8 @@ def test_experiment_composes_into_the_motion_network(tmp_path):
     assert model.net.motion_prior and model.net.prior_radius >= model.net.max_speed * model.net.prior_span
     # refined per pixel and followed along its trajectories, on crops and whole domains
     assert model.net.prior_refine is not None and model.net.prior_trajectory
+    # every input's velocity estimate counts the same in the refinement
+    assert model.net.prior_refine_weighting == "velocity"
     assert model.scheduler_factory is None  # max_time decides, not an epoch count
 
 

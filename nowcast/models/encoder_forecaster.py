@@ -646,7 +646,7 @@ def _gradient(f: Tensor) -> tuple[Tensor, Tensor]:
 
 def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int = 2,
                     levels: Sequence[int] = (2, 1), regularisation: float = 0.01,
-                    presmooth: float = 1.0) -> Tensor:
+                    presmooth: float = 1.0, weighting: str = "intensity") -> Tensor:
     """A dense velocity field: ``velocity`` refined by Lucas-Kanade in Gaussian windows.
 
     Block matching (:func:`global_velocity`, :func:`regional_velocity`) finds large
@@ -659,6 +659,11 @@ def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int 
     deviation ``window`` px around each pixel, ``grad`` the mean gradient of ``W_s`` and
     the last frame. A term ``regularisation`` x (the frame's mean gradient energy) x
     ``|dv|^2`` keeps the start where the window holds no edge (dry ground, uniform rain).
+    ``weighting`` says how the inputs count. ``"intensity"``: as written, the matching
+    error itself, in which input ``t``'s equation grows with its ``s`` steps, so the oldest
+    input weighs ``s^2`` times the newest. ``"velocity"``: each input's equation divided by
+    ``s``, so every input's estimate of the velocity (its displacement over ``s`` steps)
+    counts the same and the newest motion is not outweighed by the oldest.
     Coarse to fine over ``levels`` (frames averaged over ``L x L`` pixels, the window
     ``window / L``), ``iterations`` corrections on each. The windowed sums are taken on a
     grid about a quarter of the window apart and interpolated back (bilinear). Without
@@ -671,6 +676,8 @@ def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int 
     if window <= 0 or iterations < 1 or regularisation <= 0:
         raise ValueError(f"window, iterations and regularisation must be > 0, got {window}, {iterations}, "
                          f"{regularisation}")
+    if weighting not in ("intensity", "velocity"):
+        raise ValueError(f"weighting must be 'intensity' or 'velocity', got {weighting!r}")
     if velocity.dim() != 4 or velocity.shape[:2] != (b, 2):
         raise ValueError(f"velocity must be (B, 2, H|1, W|1) with B={b}, got {tuple(velocity.shape)}")
     # float32 throughout: under bf16 autocast the windowed sums and the 2x2 solve would
@@ -694,8 +701,10 @@ def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int 
                     gx, gy = _gradient(moved)
                     gx, gy = 0.5 * (gx + last_x), 0.5 * (gy + last_y)
                     e = moved - last
-                    terms.append(torch.cat((s * s * gx * gx, s * s * gx * gy, s * s * gy * gy,
-                                            s * gx * e, s * gy * e), dim=1))  # (B, 5, h_l, w_l)
+                    # normal equations of s grad . dv = e, times s^2 ("intensity") or 1
+                    k = s * s if weighting == "intensity" else 1
+                    terms.append(torch.cat((k * gx * gx, k * gx * gy, k * gy * gy,
+                                            k / s * gx * e, k / s * gy * e), dim=1))  # (B, 5, h_l, w_l)
                 sums = torch.stack(terms).sum(0)
                 if pool > 1:
                     sums = F.avg_pool2d(sums, pool, ceil_mode=True)

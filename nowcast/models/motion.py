@@ -98,6 +98,11 @@ class MotionNowcaster(nn.Module):
         motion. Applies to crops too.
     prior_refine_iterations
         Lucas-Kanade corrections per pyramid level.
+    prior_refine_weighting
+        How the inputs count in the refinement: ``"intensity"`` (their matching errors, so
+        the oldest input weighs most) or ``"velocity"`` (each input's velocity estimate
+        the same, so the newest motion is not outweighed); see ``weighting`` of
+        :func:`~nowcast.models.encoder_forecaster.refine_velocity`.
     prior_trajectory
         Move the last frame along the prior's backward trajectories (the velocity sampled
         where each trajectory has got to, :func:`~nowcast.models.warp.trajectory`, the
@@ -126,6 +131,7 @@ class MotionNowcaster(nn.Module):
         prior_stride: int | None = None,
         prior_refine: float | None = None,
         prior_refine_iterations: int = 2,
+        prior_refine_weighting: str = "intensity",
         prior_trajectory: bool = False,
         lagrangian_inputs: bool = False,
     ) -> None:
@@ -172,6 +178,9 @@ class MotionNowcaster(nn.Module):
         if self.prior_refine is not None and (self.prior_refine <= 0 or self.prior_refine_iterations < 1):
             raise ValueError(f"prior_refine must be a window > 0 px and prior_refine_iterations >= 1, got "
                              f"{prior_refine} and {prior_refine_iterations}")
+        if prior_refine_weighting not in ("intensity", "velocity"):
+            raise ValueError(f"prior_refine_weighting must be 'intensity' or 'velocity', got {prior_refine_weighting!r}")
+        self.prior_refine_weighting = prior_refine_weighting
         self.prior_trajectory = bool(prior_trajectory)
         if not self.motion_prior and (self.prior_refine is not None or self.prior_trajectory):
             raise ValueError("prior_refine and prior_trajectory need motion_prior: they change its motion")
@@ -194,7 +203,8 @@ class MotionNowcaster(nn.Module):
         else:
             v = global_velocity(x, self.prior_radius, self.prior_span)[:, :, None, None]  # the whole frame's
         if self.prior_refine is not None:  # per pixel
-            v = refine_velocity(x, v, self.prior_refine, self.prior_refine_iterations)
+            v = refine_velocity(x, v, self.prior_refine, self.prior_refine_iterations,
+                                weighting=self.prior_refine_weighting)
         return v
 
     def prior_displacement(self, prior: Tensor, steps: int) -> Tensor:
