@@ -15,8 +15,9 @@ whole domain. Prints CSI at 1 mm/h and MAE (mm/h) per lead for every setting::
 
 A variant is ``NAME=JSON`` of ``MotionNowcaster`` prior arguments (``prior_radius``,
 ``prior_span``, ``prior_tile``, ``prior_stride``, ``prior_refine``,
-``prior_refine_iterations``, ``prior_refine_weighting``, ``prior_trajectory``). ``--optical-flow`` scores pysteps'
-optical-flow extrapolation (the evaluation baseline) on the same windows, for reference.
+``prior_refine_iterations``, ``prior_refine_weighting``, ``prior_trajectory``).
+``--optical-flow`` scores pysteps' optical-flow extrapolation (the evaluation baseline) on
+the same windows, for reference.
 """
 
 from __future__ import annotations
