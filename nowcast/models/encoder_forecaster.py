@@ -644,6 +644,10 @@ def _gradient(f: Tensor) -> tuple[Tensor, Tensor]:
     return 0.5 * (gx[..., 2:] - gx[..., :-2]), 0.5 * (gy[..., 2:, :] - gy[..., :-2, :])
 
 
+#: How :func:`refine_velocity` counts the inputs (see its ``weighting``).
+REFINE_WEIGHTINGS = ("intensity", "velocity")
+
+
 def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int = 2,
                     levels: Sequence[int] = (2, 1), regularisation: float = 0.01,
                     presmooth: float = 1.0, weighting: str = "intensity") -> Tensor:
@@ -676,7 +680,7 @@ def refine_velocity(x: Tensor, velocity: Tensor, window: float, iterations: int 
     if window <= 0 or iterations < 1 or regularisation <= 0:
         raise ValueError(f"window, iterations and regularisation must be > 0, got {window}, {iterations}, "
                          f"{regularisation}")
-    if weighting not in ("intensity", "velocity"):
+    if weighting not in REFINE_WEIGHTINGS:
         raise ValueError(f"weighting must be 'intensity' or 'velocity', got {weighting!r}")
     if velocity.dim() != 4 or velocity.shape[:2] != (b, 2):
         raise ValueError(f"velocity must be (B, 2, H|1, W|1) with B={b}, got {tuple(velocity.shape)}")

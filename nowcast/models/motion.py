@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nowcast.models.encoder_forecaster import (
+    REFINE_WEIGHTINGS,
     global_velocity,
     make_output_activation,
     refine_velocity,
@@ -178,7 +179,7 @@ class MotionNowcaster(nn.Module):
         if self.prior_refine is not None and (self.prior_refine <= 0 or self.prior_refine_iterations < 1):
             raise ValueError(f"prior_refine must be a window > 0 px and prior_refine_iterations >= 1, got "
                              f"{prior_refine} and {prior_refine_iterations}")
-        if prior_refine_weighting not in ("intensity", "velocity"):
+        if prior_refine_weighting not in REFINE_WEIGHTINGS:
             raise ValueError(f"prior_refine_weighting must be 'intensity' or 'velocity', got {prior_refine_weighting!r}")
         self.prior_refine_weighting = prior_refine_weighting
         self.prior_trajectory = bool(prior_trajectory)
